@@ -1,0 +1,116 @@
+"""The small amount of command-line plumbing every script shares.
+
+A config is a dataclass: each field has a type, a default and a one-line doc
+(the `doc` metadata). `parse_config` layers a TOML preset and `--field=value`
+flags on top of the defaults, converting each value to the field's type.
+`main_guard` turns a UserError (bad input) into one line `error: ...` on stderr
+and exit code 2, so users never see a traceback for their own mistakes.
+"""
+
+import dataclasses
+import sys
+import tomllib
+import typing
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+def field(default, doc):
+    """A dataclass field with a one-line description shown by --help."""
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+def _convert(name, text, kind):
+    if kind is bool:
+        lowered = str(text).lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"--{name} expects true or false, got {text!r}")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise UserError(f"--{name} expects an integer, got {text!r}") from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise UserError(f"--{name} expects a number, got {text!r}") from None
+    return str(text)
+
+
+def _check_toml_value(name, value, kind):
+    # TOML already carries types; only accept what matches the field (ints may stand for floats).
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind in (int, float, str) and isinstance(value, kind) and not isinstance(value, bool):
+        return value
+    raise UserError(f"{name} expects {kind.__name__}, got {value!r}")
+
+
+def help_text(config_class, usage):
+    lines = [usage, "", "options (--name=value):"]
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        kind = hints[f.name].__name__
+        lines.append(f"  --{f.name}={f.default!r:<14} ({kind}) {f.metadata.get('doc', '')}")
+    return "\n".join(lines)
+
+
+def parse_config(config_class, argv, usage, allow_preset=False):
+    """Defaults <- optional TOML preset (first positional argument) <- --field=value flags."""
+    hints = typing.get_type_hints(config_class)
+    names = {f.name for f in dataclasses.fields(config_class)}
+    values = {}
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text(config_class, usage))
+        sys.exit(0)
+    positional = [a for a in argv if not a.startswith("--")]
+    flags = [a for a in argv if a.startswith("--")]
+    if positional:
+        if not allow_preset or len(positional) > 1:
+            raise UserError(f"unexpected argument {positional[-1]!r} (options look like --name=value)")
+        path = positional[0]
+        try:
+            with open(path, "rb") as f:
+                preset = tomllib.load(f)
+        except FileNotFoundError:
+            raise UserError(f"config file {path} not found") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"config file {path} is not valid TOML: {e}") from None
+        for key, value in preset.items():
+            if key not in names:
+                raise UserError(f"unknown field {key!r} in {path} (see --help)")
+            values[key] = _check_toml_value(key, value, hints[key])
+    for flag in flags:
+        name, has_value, text = flag[2:].partition("=")
+        name = name.replace("-", "_")
+        if name not in names:
+            raise UserError(f"unknown option --{name} (see --help)")
+        if not has_value:
+            if hints[name] is bool:
+                text = "true"
+            else:
+                raise UserError(f"--{name} needs a value: --{name}=...")
+        values[name] = _convert(name, text, hints[name])
+    return config_class(**values)
+
+
+def main_guard(main):
+    """Run main(); turn bad input into `error: ...` + exit 2, Ctrl-C into exit 130."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)

@@ -63,8 +63,9 @@ def help_text(config_class, usage):
     return "\n".join(lines)
 
 
-def parse_config(config_class, argv, usage, allow_preset=False):
-    """Defaults <- optional TOML preset (first positional argument) <- --field=value flags."""
+def parse_config(config_class, argv, usage, allow_preset=False, return_given=False):
+    """Defaults <- optional TOML preset (first positional argument) <- --field=value flags.
+    With return_given, also the names of the fields the preset or the flags set."""
     hints = typing.get_type_hints(config_class)
     names = {f.name for f in dataclasses.fields(config_class)}
     values = {}
@@ -99,7 +100,8 @@ def parse_config(config_class, argv, usage, allow_preset=False):
             else:
                 raise UserError(f"--{name} needs a value: --{name}=...")
         values[name] = _convert(name, text, hints[name])
-    return config_class(**values)
+    config = config_class(**values)
+    return (config, set(values)) if return_given else config
 
 
 def main_guard(main):
@@ -114,3 +116,22 @@ def main_guard(main):
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)
+
+
+def resolve_device(name):
+    """'auto' picks cuda, then Apple's mps, then cpu; an explicit name must be usable here."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device={name} but this machine has no CUDA GPU that torch can use (try --device=auto)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device=mps but Apple's Metal backend is not available here (try --device=auto)")
+    if name != "cpu" and not name.startswith(("cuda", "mps")):
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    return name

@@ -1,0 +1,455 @@
+"""Turn text into token files: data/NAME/{train.bin, val.bin, tokenizer.json, meta.json}.
+
+    python data/prepare.py NAME [--input=SOURCE] [--tokenizer=char|bpe|gpt2] [--vocab_size=4096]
+        [--tokenizer_file=F] [--split=train] [--text_field=text] [--max_bytes=N]
+        [--val_fraction=0.1] [--data_root=data]
+
+SOURCE is one of
+    path/to/file.txt          one UTF-8 text file: one document
+    path/to/folder            every file under it, recursively, in sorted order, one document each
+                              (hidden files are skipped; binary or non-UTF-8 files too, with a note)
+    https://host/file.txt     downloaded once into DATA_ROOT/.cache/, then read as a file
+    hf:owner/name             a Hugging Face dataset, streamed with the `datasets` library from its
+    hf:owner/name:subset      plain data files (parquet/json/text; never a loading script); --split
+                              picks the split, --text_field the column, --max_bytes caps the download
+    hf:/local/folder          local data read through the same `datasets` library, fully offline: a
+    hf:/local/file.parquet    folder (format and splits inferred from its files, e.g. a downloaded
+    hf:/local/file.jsonl      dataset repository) or one .parquet/.json/.jsonl/.csv/.txt file
+                              (a single file is one split; --split is not used). A path wins over a
+                              hub name when it exists on disk.
+
+Built-in names need no --input:
+    pystdlib          the .py files of the running Python's standard library (tests excluded): the
+                      default corpus, on every machine with Python, no download. char tokenizer.
+    shakespeare_char  Tiny Shakespeare (downloaded, or --input=FILE), char tokenizer
+    shakespeare       Tiny Shakespeare, GPT-2 tokenizer
+An explicit --input or --tokenizer overrides the built-in's default.
+
+Tokenizers: char (one id per distinct character of the whole text), bpe (our byte-level BPE trained
+on the train split, --vocab_size ids), gpt2 (GPT-2's own; --tokenizer_file=gpt2.tiktoken works
+offline). For char and bpe, --tokenizer_file=tokenizer.json reuses a saved tokenizer instead of
+building one (to tokenize new text with an existing model's vocabulary).
+
+Split: with at least 10 documents, validation takes an evenly spread val_fraction of them (for 0.1:
+every 10th document, index % 10 == 9), so no document is cut in two. With fewer documents the text is
+cut at the (1 - val_fraction) point, moved forward to just after the next newline.
+
+Documents are joined with <|endoftext|> for bpe and gpt2 (one after each document) and simply
+concatenated for char. meta.json's train_bytes / val_bytes count the UTF-8 bytes of the text in each
+split (the end-of-text tokens count zero bytes), so train_bytes + val_bytes is the size of the source
+text and val loss converts to bits per byte. sha256 is the hash of the documents' UTF-8 bytes
+concatenated in order (for a single file: the file's own sha256). meta.json is written last: a folder
+with a meta.json is complete, and a failed run leaves an earlier preparation untouched.
+"""
+
+import sys
+from pathlib import Path
+
+# Run as `python data/prepare.py`, Python puts data/ on sys.path, not the repo root that holds model/.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import dataclasses
+import hashlib
+import http.client
+import json
+import os
+import re
+import shutil
+import sysconfig
+import time
+import urllib.parse
+import urllib.request
+from fractions import Fraction
+
+import numpy as np
+from tqdm import tqdm
+
+from model.cli import UserError, field, main_guard, parse_config
+from model.tokenizer import (
+    char_tokenizer_from_text,
+    gpt2_tokenizer,
+    load_tokenizer,
+    save_tokenizer,
+    train_bpe,
+)
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+STDLIB = "stdlib"  # marker source for the pystdlib corpus
+BUILTINS = {  # name -> (default source, default tokenizer)
+    "pystdlib": (STDLIB, "char"),
+    "shakespeare_char": (SHAKESPEARE_URL, "char"),
+    "shakespeare": (SHAKESPEARE_URL, "gpt2"),
+}
+TOKENIZERS = ("char", "bpe", "gpt2")
+STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+HF_FILE_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text"}
+ENCODE_BATCH_CHARS = 8_000_000  # text per encode_batch call: big enough to use every core, small enough for memory
+
+
+@dataclasses.dataclass
+class PrepareConfig:
+    input: str = field("", "file, folder, http(s) URL, hf:owner/name or hf:/local/path (built-in names need none)")
+    tokenizer: str = field("", "char, bpe or gpt2 (default: the built-in's, else char)")
+    vocab_size: int = field(4096, "number of token ids for --tokenizer=bpe")
+    tokenizer_file: str = field("", "gpt2: a gpt2.tiktoken file (offline); char/bpe: a saved tokenizer.json to reuse")
+    split: str = field("train", "split of an hf: dataset to read")
+    text_field: str = field("text", "column of an hf: dataset that holds the text")
+    max_bytes: int = field(0, "stop reading after this many bytes of text (0 = no limit)")
+    val_fraction: float = field(0.1, "share of the data held out for validation")
+    data_root: str = field("data", "folder that holds prepared datasets (and .cache/ for downloads)")
+
+
+USAGE = "usage: python data/prepare.py NAME [--input=SOURCE] [--tokenizer=char|bpe|gpt2] [--options]"
+
+
+def note(message):
+    print(f"note: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- reading text
+
+
+def cap_bytes(documents, max_bytes):
+    """Yield documents until max_bytes of UTF-8 text; the document that crosses the cap is cut."""
+    total = 0
+    for text in documents:
+        if max_bytes and total >= max_bytes:
+            return
+        size = len(text.encode("utf-8"))
+        if max_bytes and total + size > max_bytes:
+            # errors="ignore" drops a character cut in half by the byte limit.
+            text = text.encode("utf-8")[: max_bytes - total].decode("utf-8", errors="ignore")
+            size = len(text.encode("utf-8"))
+        total += size
+        yield text
+
+
+def read_text_file(path):
+    """The file's text, or None when it is binary or not UTF-8 (reading bytes keeps \\r\\n as is)."""
+    data = Path(path).read_bytes()
+    if b"\0" in data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def folder_documents(folder, files=None):
+    """One document per readable text file under folder, in sorted order."""
+    if files is None:
+        files = [p for p in sorted(folder.rglob("*"))
+                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    skipped = []
+    for path in files:
+        text = read_text_file(path)
+        if text is None:
+            skipped.append(path)
+            if len(skipped) <= 5:
+                note(f"skipping {path}: binary or not UTF-8")
+            continue
+        yield text
+    if len(skipped) > 5:
+        note(f"skipped {len(skipped)} binary or non-UTF-8 files in all")
+
+
+def stdlib_files():
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        if not any(part in STDLIB_SKIP or part.startswith("test") for part in parts):
+            files.append(path)
+    return root, files
+
+
+def download(url, data_root):
+    """Fetch url once into data_root/.cache/ (atomically) and return the cached path."""
+    basename = re.sub(r"[^A-Za-z0-9._-]", "_", Path(urllib.parse.urlparse(url).path).name) or "download"
+    # The hash keeps two URLs that end in the same file name (input.txt...) apart.
+    path = Path(data_root) / ".cache" / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{basename}"
+    if path.exists():
+        print(f"using cached {path} ({url})")
+        return path
+    print(f"downloading {url} -> {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as f:
+            shutil.copyfileobj(response, f)
+        os.replace(partial, path)
+    except (OSError, ValueError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
+        partial.unlink(missing_ok=True)
+        reason = getattr(e, "reason", None) or e
+        raise UserError(f"could not download {url} ({reason}); download it yourself and pass --input=FILE") from None
+    return path
+
+
+def hf_documents(spec, split, text_field):
+    """Texts of an hf: source (hub name or local path), read through `datasets` in streaming mode."""
+    import datasets  # only hf: sources need it, and it is slow to import
+
+    local = Path(spec).expanduser()
+    try:
+        if local.is_dir():
+            # Streaming reads the files in place: no Arrow copy in ~/.cache, and the hub path works alike.
+            dataset = datasets.load_dataset(str(local), split=split, streaming=True)
+        elif local.is_file():
+            builder = HF_FILE_FORMATS.get(local.suffix.lower())
+            if builder is None:
+                raise UserError(f"hf:{spec}: unknown data file type {local.suffix!r} "
+                                f"(expected one of {', '.join(HF_FILE_FORMATS)})")
+            dataset = datasets.load_dataset(builder, data_files=str(local), split="train", streaming=True)
+        else:
+            name, _, subset = spec.partition(":")
+            dataset = datasets.load_dataset(name, subset or None, split=split, streaming=True)
+        progress = tqdm(desc=f"reading hf:{spec}", unit="B", unit_scale=True, disable=None)
+        for row in dataset:
+            if text_field not in row:
+                raise UserError(f"hf:{spec} has no column {text_field!r} (columns: {', '.join(row)}); "
+                                f"pass --text_field=NAME")
+            text = row[text_field]
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise UserError(f"hf:{spec} column {text_field!r} holds {type(text).__name__}, not text")
+            progress.update(len(text))
+            yield text
+        progress.close()
+    except UserError:
+        raise
+    except Exception as e:  # datasets reports missing repos, network and format trouble with many types
+        where = "" if local.exists() else "; offline? download its data files and pass --input=FILE or hf:/local/folder"
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"could not read hf:{spec} ({type(e).__name__}: {message}){where}") from None
+
+
+def read_documents(source, data_root, split, text_field, max_bytes):
+    """(list of document texts, description of the source). Empty documents are dropped."""
+    if source == STDLIB:
+        root, files = stdlib_files()
+        documents, description = folder_documents(root, files), f"python stdlib {root}"
+    elif source.startswith("hf:"):
+        documents, description = hf_documents(source[3:], split, text_field), source
+    elif source.startswith(("http://", "https://")):
+        documents, description = [read_text_file(download(source, data_root))], source
+        if documents[0] is None:
+            raise UserError(f"{source} is not UTF-8 text")
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            documents, description = folder_documents(path), str(path)
+        elif path.is_file():
+            text = read_text_file(path)
+            if text is None:
+                raise UserError(f"{path} is not UTF-8 text (binary or another encoding)")
+            documents, description = [text], str(path)
+        else:
+            raise UserError(f"input {source} not found (a file, folder, http(s) URL or hf:NAME)")
+    texts = [text for text in cap_bytes(documents, max_bytes) if text]
+    if not texts:
+        raise UserError(f"no text found in {description}")
+    return texts, description
+
+
+# ---------------------------------------------------------------- splitting
+
+
+def split_documents(documents, val_fraction):
+    """Pieces (text, is_val, ends_document) in order, and how the split was made."""
+    fraction = Fraction(val_fraction).limit_denominator(1_000_000)  # exact 1/10, not 0.1000000000000000055
+    n = len(documents)
+    if n >= 10 and n * fraction >= 1:
+        # Document i goes to val when the running count floor((i+1) * f) steps up: evenly spread, and
+        # for f = 1/10 exactly the documents with i % 10 == 9.
+        pieces = [(doc, (i + 1) * fraction // 1 > i * fraction // 1, True) for i, doc in enumerate(documents)]
+        return pieces, "documents"
+    text_length = sum(len(doc) for doc in documents)
+    cut = int(text_length * (1 - fraction))
+    joined = "".join(documents)  # only to find the newline; the pieces keep document boundaries
+    newline = joined.find("\n", cut)
+    if newline != -1:
+        cut = newline + 1
+    if cut >= text_length:
+        raise UserError(f"the text ({text_length:,} characters) is too short to hold out a validation part "
+                        f"after the last newline; give more text or a larger --val_fraction")
+    pieces, start = [], 0
+    for doc in documents:
+        end = start + len(doc)
+        if end <= cut:
+            pieces.append((doc, False, True))
+        elif start >= cut:
+            pieces.append((doc, True, True))
+        else:  # the cut falls inside this document: its head trains, its tail validates
+            pieces.append((doc[: cut - start], False, False))
+            pieces.append((doc[cut - start:], True, True))
+        start = end
+    return pieces, "text"
+
+
+# ---------------------------------------------------------------- tokenizing
+
+
+def build_tokenizer(kind, pieces, vocab_size, tokenizer_file):
+    if kind == "gpt2":
+        return gpt2_tokenizer(tokenizer_file or None)
+    if tokenizer_file:
+        if not Path(tokenizer_file).is_file():
+            raise UserError(f"tokenizer file {tokenizer_file} not found")
+        tokenizer = load_tokenizer(tokenizer_file)
+        if tokenizer.kind != kind:
+            raise UserError(f"{tokenizer_file} holds a {tokenizer.kind} tokenizer, not {kind}")
+        return tokenizer
+    if kind == "char":
+        # Built from both splits: a validation character the tokenizer never saw could not be encoded.
+        return char_tokenizer_from_text("".join(text for text, _, _ in pieces))
+    # Trained on the train split only, so validation text is as new to the tokenizer as to the model.
+    return train_bpe([text for text, is_val, _ in pieces if not is_val], vocab_size)
+
+
+def token_dtype(vocab_size):
+    """uint16 while every id (0 .. vocab_size-1) fits in 16 bits: half the disk and memory of uint32."""
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def encode_pieces(tokenizer, pieces, dtype, files):
+    """Encode the pieces in batches and append their ids to files[is_val]; returns (tokens, bytes) per split."""
+    tokens, nbytes = [0, 0], [0, 0]
+    eot = tokenizer.eot_id
+    batch, batch_chars = [], 0
+    progress = tqdm(total=sum(len(text) for text, _, _ in pieces), desc="encoding", unit="char",
+                    unit_scale=True, disable=None)
+
+    def flush():
+        encoded = tokenizer.encode_batch([text for text, _, _ in batch])
+        for split in (0, 1):
+            ids = []
+            for (text, is_val, ends_document), piece_ids in zip(batch, encoded):
+                if is_val == split:
+                    ids.extend(piece_ids)
+                    if ends_document and eot is not None:
+                        ids.append(eot)
+                    nbytes[split] += len(text.encode("utf-8"))
+            np.asarray(ids, dtype=dtype).tofile(files[split])
+            tokens[split] += len(ids)
+        progress.update(sum(len(text) for text, _, _ in batch))
+        batch.clear()
+
+    for piece in pieces:
+        batch.append(piece)
+        batch_chars += len(piece[0])
+        if batch_chars >= ENCODE_BATCH_CHARS:
+            flush()
+            batch_chars = 0
+    if batch:
+        flush()
+    progress.close()
+    return tokens, nbytes
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_json_atomically(path, obj):
+    partial = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    with open(partial, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(partial, path)
+
+
+def prepare(name, input=None, tokenizer=None, vocab_size=4096, tokenizer_file=None, split="train",
+            text_field="text", max_bytes=0, val_fraction=0.1, data_root="data"):
+    """Read, split, tokenize and write data_root/name/; returns the meta dict (also in meta.json)."""
+    start_time = time.time()
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise UserError(f"dataset name {name!r} must be a plain folder name (letters, digits, _ . -)")
+    default_source, default_kind = BUILTINS.get(name, (None, "char"))
+    source = input or default_source
+    kind = tokenizer or default_kind
+    if source is None:
+        raise UserError(f"{name} is not a built-in dataset ({', '.join(BUILTINS)}); pass --input=SOURCE")
+    if kind not in TOKENIZERS:
+        raise UserError(f"unknown tokenizer {kind!r} (choose {', '.join(TOKENIZERS)})")
+    if not 0 < val_fraction < 1:
+        raise UserError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
+    if max_bytes < 0:
+        raise UserError(f"--max_bytes must be >= 0, got {max_bytes}")
+
+    documents, description = read_documents(source, data_root, split, text_field, max_bytes)
+    sha256 = hashlib.sha256()
+    for doc in documents:
+        sha256.update(doc.encode("utf-8"))
+    pieces, split_by = split_documents(documents, val_fraction)
+    read_time = time.time()
+    tok = build_tokenizer(kind, pieces, vocab_size, tokenizer_file)
+    dtype = token_dtype(tok.vocab_size)
+
+    out_dir = Path(data_root) / name
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = ["train.bin", "val.bin", "tokenizer.json"]
+    partials = [out_dir / f".tmp-{os.getpid()}-{n}" for n in names]
+    try:
+        with open(partials[0], "wb") as train_file, open(partials[1], "wb") as val_file:
+            tokens, nbytes = encode_pieces(tok, pieces, dtype, [train_file, val_file])
+        for split_name, count in (("train", tokens[0]), ("val", tokens[1])):
+            if count < 2:  # a loader needs at least one input and one target token
+                raise UserError(f"the {split_name} split would hold {count} token(s); give more text "
+                                f"or change --val_fraction")
+        save_tokenizer(tok, partials[2])
+        meta = {
+            "name": name,
+            "tokenizer": tok.kind,
+            "vocab_size": tok.vocab_size,
+            "dtype": np.dtype(dtype).name,
+            "train_tokens": tokens[0],
+            "val_tokens": tokens[1],
+            "train_bytes": nbytes[0],
+            "val_bytes": nbytes[1],
+            "documents": len(documents),
+            "source": description,
+            "sha256": sha256.hexdigest(),
+            "eot_id": tok.eot_id,
+            "split_by": split_by,
+        }
+        # meta.json marks a complete preparation: drop the old one first so a crash between the
+        # replacements below never leaves a meta.json that describes the wrong .bin files.
+        (out_dir / "meta.json").unlink(missing_ok=True)
+        for partial, final in zip(partials, names):
+            os.replace(partial, out_dir / final)
+        write_json_atomically(out_dir / "meta.json", meta)
+    finally:
+        for partial in partials:
+            partial.unlink(missing_ok=True)
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+
+    seconds = time.time() - start_time
+    total_bytes = nbytes[0] + nbytes[1]
+    print(f"read {len(documents):,} documents, {total_bytes / 1e6:.2f} MB of text from {description} "
+          f"({read_time - start_time:.1f}s)")
+    print(f"tokenizer {tok.kind}, vocab {tok.vocab_size:,}; {tokens[0] + tokens[1]:,} tokens, "
+          f"{total_bytes / max(1, tokens[0] + tokens[1]):.2f} bytes/token; split by {split_by}")
+    for i, split_name in enumerate(("train", "val")):
+        print(f"  {split_name}: {tokens[i]:,} tokens ({nbytes[i]:,} bytes of text) -> "
+              f"{out_dir / (split_name + '.bin')} ({tokens[i] * np.dtype(dtype).itemsize / 1e6:.2f} MB {meta['dtype']})")
+    print(f"prepared {out_dir} in {seconds:.1f}s")
+    return meta
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    flags = [a for a in argv if a.startswith("-")]
+    config = parse_config(PrepareConfig, flags, USAGE)  # handles --help before NAME is required
+    positional = [a for a in argv if not a.startswith("-")]
+    if len(positional) != 1:
+        raise UserError(f"expected one dataset NAME (e.g. pystdlib), got {len(positional)}; {USAGE}")
+    prepare(positional[0], input=config.input or None, tokenizer=config.tokenizer or None,
+            vocab_size=config.vocab_size, tokenizer_file=config.tokenizer_file or None, split=config.split,
+            text_field=config.text_field, max_bytes=config.max_bytes, val_fraction=config.val_fraction,
+            data_root=config.data_root)
+
+
+if __name__ == "__main__":
+    main_guard(main)

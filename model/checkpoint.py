@@ -1,0 +1,54 @@
+"""Checkpoints: one file holding everything needed to sample from, or resume, a run.
+
+Written atomically (a temporary file, then os.replace) so a crash mid-write never leaves a
+half-written ckpt.pt, and read with torch.load(weights_only=True), which refuses to run
+code hidden in a file (plain pickles can).
+"""
+
+import os
+
+import torch
+
+from model.cli import UserError
+from model.gpt import GPT, GPTConfig
+from model.tokenizer import tokenizer_from_dict
+
+REQUIRED_KEYS = ("model", "model_config", "tokenizer", "config", "step")
+
+
+def save_checkpoint(checkpoint, path):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    temporary = path + ".tmp"
+    torch.save(checkpoint, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """The checkpoint's dict, or a UserError that says what is wrong with the file."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path} (train one first: python train.py)")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many kinds for a damaged file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a readable checkpoint ({reason[:200]})") from None
+    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in REQUIRED_KEYS):
+        raise UserError(f"{path} is not a checkpoint of this project (missing model, config or tokenizer)")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint, device="cpu", dropout=None):
+    """Rebuild the GPT and its tokenizer from a checkpoint dict."""
+    model_config = dict(checkpoint["model_config"])
+    if dropout is not None:
+        model_config["dropout"] = dropout
+    try:
+        model = GPT(GPTConfig(**model_config))
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"checkpoint does not match the model: {str(e).splitlines()[0][:200]}") from None
+    tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
+    return model.to(device), tokenizer

@@ -1,0 +1,334 @@
+"""A decoder-only transformer, in the order you would explain it:
+config, normalisation, attention (with a KV cache), MLP, block, model, generation.
+
+One class, two faces:
+  arch="gpt2"  GPT-2 exactly: learned positions, LayerNorm with bias, GELU MLP (4x),
+               biases everywhere, input and output embeddings tied.
+  arch="llama" the modern form: rotary positions (RoPE), RMSNorm, SwiGLU MLP, no biases.
+               Embeddings are tied here too (as in the small Llama 3.2 models): it keeps
+               tiny models small and the exported file simple.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    arch: str = "gpt2"          # "gpt2" or "llama"
+    vocab_size: int = 50257     # real tokens; the embedding may be padded past this
+    block_size: int = 1024      # longest context the model sees
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    vocab_pad_multiple: int = 1  # pad the embedding rows to a multiple of this (64 is GPU-friendly)
+    rope_theta: float = 10000.0  # llama only
+
+    def __post_init__(self):
+        if self.arch not in ("gpt2", "llama"):
+            raise ValueError(f"arch must be 'gpt2' or 'llama', not {self.arch!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.arch == "llama" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("llama needs an even head size for rotary embeddings")
+
+    @property
+    def padded_vocab_size(self):
+        m = max(1, self.vocab_pad_multiple)
+        return (self.vocab_size + m - 1) // m * m
+
+    @property
+    def head_size(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self):
+        if self.arch == "gpt2":
+            return 4 * self.n_embd
+        # SwiGLU has three matrices instead of two; 2/3 of 4x keeps the parameter count
+        # the same as GPT-2's MLP. Rounded up to a multiple of 64 for fast matmuls.
+        return (int(8 * self.n_embd / 3) + 63) // 64 * 64
+
+
+class RMSNorm(nn.Module):
+    """Scale each vector to unit root-mean-square, then by a learned gain (no mean, no bias)."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # compute in float32: squares of bf16 activations lose too much precision
+        x_float = x.float()
+        normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def make_norm(config):
+    return nn.LayerNorm(config.n_embd, eps=1e-5) if config.arch == "gpt2" else RMSNorm(config.n_embd)
+
+
+def rope_tables(config):
+    """cos/sin of angle position * frequency, for every position and half-dimension."""
+    half = config.head_size // 2
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(half, dtype=torch.float32) / half))
+    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()  # each (block_size, head_size/2)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x[i], x[i + half]) by its position's angle: attention scores then
+    depend only on the distance between two positions, not on where they are."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class KVCache:
+    """Keys and values of every position seen so far, per layer, so each new token only
+    computes its own query/key/value instead of recomputing the whole context."""
+
+    def __init__(self, config, batch_size, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.head_size)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled
+
+    def reset(self):
+        self.length = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_index):
+        super().__init__()
+        bias = config.arch == "gpt2"
+        self.config = config
+        self.layer_index = layer_index
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=bias)
+        self.c_proj.residual_projection = True
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.record_attention = False  # explain.py sets this to keep the attention weights
+        self.last_attention = None
+
+    def forward(self, x, start_pos=0, kv_cache=None, rope=None):
+        B, T, C = x.shape
+        n_head, head_size = self.config.n_head, self.config.head_size
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_size): each head attends independently
+        q = q.view(B, T, n_head, head_size).transpose(1, 2)
+        k = k.view(B, T, n_head, head_size).transpose(1, 2)
+        v = v.view(B, T, n_head, head_size).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope[0][start_pos:start_pos + T], rope[1][start_pos:start_pos + T]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if kv_cache is not None:
+            kv_cache.keys[self.layer_index, :B, :, start_pos:start_pos + T] = k
+            kv_cache.values[self.layer_index, :B, :, start_pos:start_pos + T] = v
+            k = kv_cache.keys[self.layer_index, :B, :, :start_pos + T]
+            v = kv_cache.values[self.layer_index, :B, :, :start_pos + T]
+
+        # Query i (at absolute position start_pos + i) may look at keys 0 .. start_pos + i.
+        # With no earlier positions that is the plain causal mask; after a cache prefix
+        # the mask is offset, and a single new token may look at everything.
+        if start_pos == 0:
+            mask, is_causal = None, T > 1
+        elif T == 1:
+            mask, is_causal = None, False
+        else:
+            key_pos = torch.arange(start_pos + T, device=x.device)
+            query_pos = torch.arange(start_pos, start_pos + T, device=x.device)
+            mask, is_causal = key_pos[None, :] <= query_pos[:, None], False
+
+        if self.record_attention:
+            y = self._attention_by_hand(q, k, v, start_pos)
+        else:
+            dropout = self.config.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+    def _attention_by_hand(self, q, k, v, start_pos):
+        """softmax(q k^T / sqrt(d)) v written out, keeping the weights for inspection."""
+        T, total = q.shape[2], k.shape[2]
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        key_pos = torch.arange(total, device=q.device)
+        query_pos = torch.arange(start_pos, start_pos + T, device=q.device)
+        scores = scores.masked_fill(key_pos[None, :] > query_pos[:, None], float("-inf"))
+        weights = scores.softmax(dim=-1)
+        self.last_attention = weights.detach()
+        return weights @ v
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.arch = config.arch
+        if config.arch == "gpt2":
+            self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden)
+            self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd)
+        else:
+            # SwiGLU: silu(x W1) * (x W3), then W2. The gate lets each unit switch itself off.
+            self.w1 = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+            self.w3 = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+            self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
+        self.c_proj.residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        if self.arch == "gpt2":
+            hidden = F.gelu(self.c_fc(x), approximate="tanh")  # GPT-2's tanh approximation
+        else:
+            hidden = F.silu(self.w1(x)) * self.w3(x)
+        return self.dropout(self.c_proj(hidden))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config, layer_index):
+        super().__init__()
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer_index)
+        self.ln_2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, start_pos=0, kv_cache=None, rope=None):
+        x = x + self.attn(self.ln_1(x), start_pos, kv_cache, rope)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        if config.arch == "gpt2":
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        else:
+            cos, sin = rope_tables(config)
+            # not saved in checkpoints: they are a pure function of the config
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        # Tied embeddings: the same matrix turns tokens into vectors and vectors into scores.
+        self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual_projection", False):
+                # Each block adds two outputs to the residual stream; scaling their init by
+                # 1/sqrt(2 * n_layer) keeps the stream's variance from growing with depth.
+                std = 0.02 / math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        """Every parameter counted once (the tied embedding is one matrix)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's
+        q.k and weights.v products, which grow with the context (the PaLM paper's formula)."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * seq_len
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        """idx (B, T) token ids -> logits (B, T, vocab_size) and, given targets, the mean
+        cross-entropy loss in nats. With a kv_cache, idx continues where the cache ends."""
+        B, T = idx.shape
+        start_pos = kv_cache.length if kv_cache is not None else 0
+        if start_pos + T > self.config.block_size:
+            raise ValueError(f"sequence of {start_pos + T} tokens is longer than block_size {self.config.block_size}")
+        x = self.wte(idx)
+        rope = None
+        if self.config.arch == "gpt2":
+            x = x + self.wpe(torch.arange(start_pos, start_pos + T, device=idx.device))
+        else:
+            rope = (self.rope_cos, self.rope_sin)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, start_pos, kv_cache, rope)
+        if kv_cache is not None:
+            kv_cache.length += T
+        x = self.ln_f(x)
+        # the padded rows exist only to make the matmul fast; they are never scored or sampled
+        logits = self.lm_head(x)[..., :self.config.vocab_size]
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 eos_id=None, generator=None, use_kv_cache=True):
+        """Yield new token ids one at a time (so callers can stream them).
+
+        Prompts longer than the context are cropped from the left. With the KV cache, once
+        the context is full, the cache restarts from the most recent half of the context
+        (one recompute every block_size/2 tokens instead of one per token)."""
+        block_size = self.config.block_size
+        device = self.wte.weight.device
+        tokens = list(prompt_ids)[-block_size:]
+        if not tokens:
+            raise ValueError("generate needs at least one prompt token")
+        kv_cache = None
+        if use_kv_cache:
+            kv_cache = KVCache(self.config, 1, device, self.wte.weight.dtype)
+            logits, _ = self(torch.tensor([tokens], device=device), kv_cache=kv_cache)
+        else:
+            logits, _ = self(torch.tensor([tokens], device=device))
+        for _ in range(max_new_tokens):
+            next_id = sample_next_token(logits[0, -1], temperature, top_k, top_p, generator)
+            yield next_id
+            if eos_id is not None and next_id == eos_id:
+                return
+            tokens.append(next_id)
+            if not use_kv_cache:
+                logits, _ = self(torch.tensor([tokens[-block_size:]], device=device))
+            elif kv_cache.length < block_size:
+                logits, _ = self(torch.tensor([[next_id]], device=device), kv_cache=kv_cache)
+            else:
+                kv_cache.reset()
+                logits, _ = self(torch.tensor([tokens[-(block_size // 2):]], device=device), kv_cache=kv_cache)
+
+
+def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
+    """The distribution sampling draws from: logits / temperature, then everything outside
+    the top_k and outside the smallest set whose probability reaches top_p set to -inf."""
+    logits = logits.float() / max(temperature, 1e-8)
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        kth_value = torch.topk(logits, top_k).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth_value, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens ranked before it already reach top_p (the first stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token id from a 1-D vector of logits. temperature 0 means greedy (argmax)."""
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

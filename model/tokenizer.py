@@ -1,0 +1,352 @@
+"""Tokenizers: text <-> token ids, in three kinds.
+
+- "char": one id per distinct character of the training text (sorted). Tiny and
+  transparent, good for Shakespeare-sized experiments.
+- "bpe":  byte-level byte-pair encoding trained here, by `train_bpe`, on your corpus.
+- "gpt2": GPT-2's own byte-level BPE (50,257 ids), so results compare with GPT-2's.
+
+Byte-level BPE works on UTF-8 bytes, so any text round-trips: decode(encode(s)) == s.
+Training is ours and meant to be read; *encoding* goes through tiktoken (Rust), built
+from our ranks, because data preparation encodes millions of tokens.
+
+A tokenizer turns into a plain JSON-able dict (`to_dict`) that holds everything needed
+to rebuild it, so a checkpoint carries its tokenizer and sampling needs no other file.
+"""
+
+import base64
+import collections
+import heapq
+import json
+import os
+import time
+
+import regex
+import tiktoken
+
+from model.cli import UserError
+
+# GPT-2's pre-split: contractions, letters, digits, other symbols, and whitespace runs
+# become separate chunks, and BPE merges never cross a chunk boundary. (A run of spaces
+# before a word keeps its last space for the word: " foo" is one chunk.)
+GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+EOT = "<|endoftext|>"
+
+# GPT-2's ranks in tiktoken's format (sha256 306cd27f...dd930, also shipped as gpt2.tiktoken).
+GPT2_TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+
+
+class Tokenizer:
+    """What every kind offers. Subclasses fill in encode, token_bytes and to_dict."""
+
+    kind: str
+    vocab_size: int  # number of ids, special tokens included
+    eot_id: int | None  # id of <|endoftext|>, None where the kind has none
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode many texts as ordinary text (the fast path for data preparation)."""
+        return [self.encode(text) for text in texts]
+
+    def token_bytes(self, id: int) -> bytes:
+        raise NotImplementedError
+
+    def decode_bytes(self, ids) -> bytes:
+        """The tokens' bytes, concatenated. For streaming: a multi-byte character may be
+        split across tokens, so decode only once the bytes form whole characters."""
+        return b"".join(self.token_bytes(int(i)) for i in ids)
+
+    def decode(self, ids) -> str:
+        # A model may emit bytes that are not valid UTF-8; show them as U+FFFD, don't crash.
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def to_dict(self) -> dict:
+        raise NotImplementedError
+
+    def _check_id(self, id: int):
+        if not 0 <= id < self.vocab_size:
+            raise UserError(f"token id {id} is outside this {self.kind} tokenizer's {self.vocab_size} ids")
+
+
+class CharTokenizer(Tokenizer):
+    kind = "char"
+
+    def __init__(self, chars):
+        self.chars = list(chars)
+        self.id_of = {ch: i for i, ch in enumerate(self.chars)}
+        self.vocab_size = len(self.chars)
+        self.eot_id = None
+
+    def encode(self, text, allow_special=False):
+        try:
+            return [self.id_of[ch] for ch in text]
+        except KeyError as e:
+            ch = e.args[0]
+            raise UserError(
+                f"character {ch!r} (U+{ord(ch):04X}) is not in the character vocabulary "
+                f"({self.vocab_size} characters, taken from the training text)"
+            ) from None
+
+    def token_bytes(self, id):
+        self._check_id(id)
+        return self.chars[id].encode("utf-8", errors="surrogatepass")
+
+    def decode(self, ids):
+        # Joining characters directly is exact even for text that is not valid UTF-8.
+        ids = [int(i) for i in ids]
+        for i in ids:
+            self._check_id(i)
+        return "".join(self.chars[i] for i in ids)
+
+    def to_dict(self):
+        return {"kind": "char", "chars": self.chars}
+
+
+class BytePairTokenizer(Tokenizer):
+    """A byte-level BPE ("bpe" or "gpt2"): ranks map each token's bytes to its id.
+
+    Ids 0..n-1 are the mergeable tokens (every single byte among them) and id n is
+    <|endoftext|>, so vocab_size = n + 1 and the end-of-text token is the last id.
+    """
+
+    def __init__(self, kind: str, ranks: dict[bytes, int], pattern: str = GPT2_SPLIT_PATTERN):
+        _check_ranks(ranks, f"{kind} tokenizer")
+        self.kind = kind
+        self.ranks = ranks
+        self.pattern = pattern
+        self.eot_id = len(ranks)
+        self.vocab_size = len(ranks) + 1
+        self.bytes_of = sorted(ranks, key=ranks.get) + [EOT.encode()]
+        try:
+            self.encoding = tiktoken.Encoding(
+                name=f"{kind}-{self.vocab_size}",
+                pat_str=pattern,
+                mergeable_ranks=ranks,
+                special_tokens={EOT: self.eot_id},
+                explicit_n_vocab=self.vocab_size,
+            )
+        except ValueError as e:  # e.g. a split pattern the Rust regex engine rejects
+            raise UserError(f"cannot build the {kind} tokenizer: {e}") from None
+
+    def encode(self, text, allow_special=False):
+        # By default "<|endoftext|>" typed by a user is just text (13 characters), so no
+        # input can smuggle in a document boundary or crash the encoder.
+        if allow_special:
+            return self.encoding.encode(text, allowed_special={EOT})
+        return self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts):
+        return self.encoding.encode_ordinary_batch(list(texts))
+
+    def token_bytes(self, id):
+        self._check_id(id)
+        return self.bytes_of[id]
+
+    def decode_bytes(self, ids):
+        ids = [int(i) for i in ids]  # accept numpy arrays and tensors too
+        try:
+            return self.encoding.decode_bytes(ids)
+        except (KeyError, OverflowError):
+            for i in ids:
+                self._check_id(i)
+            raise
+
+    def to_dict(self):
+        # The ranks in tiktoken's own file format, so this text could also be saved as
+        # a .tiktoken file and loaded by gpt2_tokenizer(...) or tiktoken itself.
+        return {"kind": self.kind, "pattern": self.pattern, "ranks": ranks_to_text(self.ranks),
+                "special_tokens": {EOT: self.eot_id}}
+
+
+def ranks_to_text(ranks: dict[bytes, int]) -> str:
+    """tiktoken's format: one `base64(token bytes) rank` line per token, in rank order."""
+    return "".join(f"{base64.b64encode(b).decode()} {r}\n" for b, r in sorted(ranks.items(), key=lambda kv: kv[1]))
+
+
+def ranks_from_text(text, source: str) -> dict[bytes, int]:
+    """Parse tiktoken's format (str or bytes); any malformed line is a UserError."""
+    if isinstance(text, bytes):
+        text = text.decode("ascii", errors="replace")
+    ranks = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:  # wrong field count, bad base64 (binascii.Error) or bad int
+            raise UserError(f"{source} is not a tiktoken ranks file (line {number}: {line[:60]!r})") from None
+    _check_ranks(ranks, source)
+    return ranks
+
+
+def _check_ranks(ranks, source):
+    # tiktoken needs all 256 single bytes to encode arbitrary text, and we need the ids
+    # to be exactly 0..n-1 so that <|endoftext|> = n is the last id.
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise UserError(f"{source}: token ranks must be 0..{len(ranks) - 1}, each exactly once")
+    if any(bytes([b]) not in ranks for b in range(256)):
+        raise UserError(f"{source}: not a byte-level BPE (some of the 256 single bytes are missing)")
+
+
+def char_tokenizer_from_text(text: str) -> Tokenizer:
+    if not text:
+        raise UserError("cannot build a character vocabulary from empty text")
+    return CharTokenizer(sorted(set(text)))
+
+
+def train_bpe(texts: list[str], vocab_size: int, verbose: bool = False) -> Tokenizer:
+    """Learn a byte-level BPE with `vocab_size` ids (256 bytes + merges + <|endoftext|>).
+
+    1. Split every text with GPT-2's pattern and count the distinct chunks: a corpus of
+       millions of words has only tens of thousands of distinct ones, and merges happen
+       inside chunks, so we work on (chunk, count) pairs instead of the whole text.
+    2. Count every adjacent pair of tokens, weighted by chunk count.
+    3. Repeatedly merge the most frequent pair into a new token. Only the chunks that
+       contain the pair change, so we keep an index pair -> chunks and update the pair
+       counts of just those chunks. A heap gives the most frequent pair; entries whose
+       count has since changed are skipped when popped ("lazy deletion").
+    Ties go to the smallest pair of ids, so the same texts always give the same ranks.
+    If the corpus runs out of pairs first, the vocabulary is smaller than asked for.
+    """
+    if vocab_size < 257:
+        raise UserError(f"a byte-level BPE needs vocab_size >= 257 (256 bytes + {EOT}), got {vocab_size}")
+    start = time.time()
+    split = regex.compile(GPT2_SPLIT_PATTERN)
+    chunk_counts = collections.Counter()
+    for text in texts:
+        chunk_counts.update(split.findall(text))
+    # Each distinct chunk as a list of token ids (its UTF-8 bytes to begin with).
+    words = [list(chunk.encode("utf-8", errors="replace")) for chunk in chunk_counts]
+    counts = list(chunk_counts.values())
+    if verbose:
+        print(f"bpe: {sum(counts):,} chunks, {len(words):,} distinct, split in {time.time() - start:.1f}s")
+
+    pair_counts = collections.Counter()
+    chunks_with = collections.defaultdict(set)  # pair -> ids of chunks that (may) contain it
+    for w, (word, count) in enumerate(zip(words, counts)):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += count
+            chunks_with[pair].add(w)
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+
+    token_bytes = [bytes([b]) for b in range(256)]
+    id_of = {b: i for i, b in enumerate(token_bytes)}
+    merges = 0
+    while len(token_bytes) < vocab_size - 1 and heap:
+        negative_count, pair = heapq.heappop(heap)
+        if pair_counts.get(pair) != -negative_count:
+            continue  # stale heap entry: this pair's count changed after it was pushed
+        merged = token_bytes[pair[0]] + token_bytes[pair[1]]
+        # Two different pairs can spell the same bytes ("ab"+"c", "a"+"bc"); tiktoken needs
+        # one id per byte string, so such a merge reuses the existing token.
+        new_id = id_of.get(merged)
+        if new_id is None:
+            new_id = id_of[merged] = len(token_bytes)
+            token_bytes.append(merged)
+        merges += 1
+        if verbose and (merges % 500 == 0 or len(token_bytes) == vocab_size - 1):
+            print(f"bpe: merge {merges} -> id {new_id} {merged!r} (seen {-negative_count:,} times)")
+
+        delta = collections.Counter()  # change of each pair's count caused by this merge
+        for w in chunks_with.pop(pair):
+            word, count = words[w], counts[w]
+            new_word = _merge_pair(word, pair, new_id)
+            if len(new_word) == len(word):
+                continue  # stale index entry: an earlier merge already consumed the pair here
+            for p in zip(word, word[1:]):
+                delta[p] -= count
+            for p in zip(new_word, new_word[1:]):
+                delta[p] += count
+                chunks_with[p].add(w)
+            words[w] = new_word
+        for p, change in delta.items():
+            if change:
+                pair_counts[p] += change
+                if pair_counts[p] > 0:
+                    heapq.heappush(heap, (-pair_counts[p], p))
+                else:
+                    del pair_counts[p]
+    if verbose:
+        print(f"bpe: {len(token_bytes) + 1} ids from {merges} merges in {time.time() - start:.1f}s")
+    return BytePairTokenizer("bpe", {b: i for i, b in enumerate(token_bytes)})
+
+
+def _merge_pair(word: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
+    """Replace each occurrence of `pair` in `word`, left to right, by `new_id`."""
+    first, second = pair
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and word[i] == first and word[i + 1] == second:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
+
+
+def gpt2_tokenizer(tokenizer_file: str | None = None) -> Tokenizer:
+    """GPT-2's tokenizer: offline from a gpt2.tiktoken file, else through tiktoken's download cache."""
+    if tokenizer_file:
+        # Read the file ourselves: tiktoken's loader would also copy it into a cache keyed
+        # by path, and then keep serving the old copy if the file at that path changes.
+        try:
+            with open(tokenizer_file, "rb") as f:
+                ranks = ranks_from_text(f.read(), tokenizer_file)
+        except FileNotFoundError:
+            raise UserError(f"tokenizer file {tokenizer_file} not found") from None
+        except OSError as e:
+            raise UserError(f"cannot read tokenizer file {tokenizer_file}: {e.strerror}") from None
+        return BytePairTokenizer("gpt2", ranks)
+    try:
+        encoding = tiktoken.get_encoding("gpt2")  # downloads once, then cached
+    except Exception as e:  # no network, proxy, corrupt cache...: all mean "give us the file"
+        raise UserError(
+            f"could not get GPT-2's tokenizer ({type(e).__name__}); download {GPT2_TIKTOKEN_URL} "
+            f"and pass --tokenizer_file=path/to/gpt2.tiktoken"
+        ) from None
+    ranks = {encoding.decode_single_token_bytes(i): i for i in range(encoding.eot_token)}
+    return BytePairTokenizer("gpt2", ranks)
+
+
+def tokenizer_from_dict(d) -> Tokenizer:
+    """Rebuild a tokenizer from `to_dict()` output; anything malformed is a UserError."""
+    kind = d.get("kind") if isinstance(d, dict) else None
+    try:
+        if kind == "char":
+            chars = d["chars"]
+            if not chars or not all(isinstance(c, str) and len(c) == 1 for c in chars) or len(set(chars)) != len(chars):
+                raise ValueError("chars must be distinct single characters")
+            return CharTokenizer(chars)
+        if kind in ("bpe", "gpt2"):
+            if not isinstance(d["ranks"], str) or not isinstance(d["pattern"], str):
+                raise ValueError("ranks and pattern must be text")
+            ranks = ranks_from_text(d["ranks"], f"{kind} tokenizer data")
+            if d.get("special_tokens", {EOT: len(ranks)}) != {EOT: len(ranks)}:
+                raise ValueError(f"expected special tokens {{{EOT!r}: {len(ranks)}}}")
+            return BytePairTokenizer(kind, ranks, d["pattern"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"tokenizer data is corrupt: {type(e).__name__}: {e}") from None
+    raise UserError(f"tokenizer data is corrupt: unknown kind {kind!r} (expected char, bpe or gpt2)")
+
+
+def save_tokenizer(tokenizer: Tokenizer, path: str):
+    """Write the tokenizer as JSON, atomically (a crash never leaves half a file)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(tokenizer.to_dict(), f)  # ASCII escapes: safe for any character
+    os.replace(tmp, path)
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"tokenizer file {path} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"tokenizer file {path} is not readable JSON: {e}") from None
+    return tokenizer_from_dict(d)

@@ -1,0 +1,102 @@
+"""Sample text from a trained model, streaming it as it is generated.
+
+    python sample.py                                  # from out/ckpt.pt
+    python sample.py --prompt="def main(" --max_new_tokens=300 --temperature=0.8
+    python sample.py --prompt=FILE:prompt.txt --temperature=0   # greedy, from a file's text
+
+The text goes to stdout, everything else to stderr. Same seed, checkpoint and device:
+the same text.
+"""
+
+import codecs
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from model.checkpoint import load_checkpoint, model_from_checkpoint
+from model.cli import UserError, field, main_guard, parse_config, resolve_device
+
+USAGE = "usage: python sample.py [--out_dir=out] [--prompt=TEXT|FILE:path] [--field=value ...]"
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = field("out", "folder with ckpt.pt (or the path of a checkpoint file)")
+    prompt: str = field("", "text to continue, or FILE:path to read it from a file ('' = start of a document)")
+    num_samples: int = field(1, "how many samples to draw")
+    max_new_tokens: int = field(500, "tokens to generate per sample")
+    temperature: float = field(0.8, "0 = greedy (always the most likely token); higher = more random")
+    top_k: int = field(0, "sample only from the k most likely tokens (0 = all)")
+    top_p: float = field(1.0, "sample only from the smallest set of tokens whose probability reaches p (1 = all)")
+    seed: int = field(1337, "random seed: the same seed gives the same text")
+    device: str = field("auto", "auto | cpu | cuda | cuda:N | mps")
+    kv_cache: bool = field(True, "reuse keys/values of earlier positions (false = recompute the whole context per token)")
+
+
+def read_prompt(prompt, tokenizer):
+    """Prompt text -> token ids. '' starts a fresh document (end-of-text token, or a newline)."""
+    if prompt.startswith("FILE:"):
+        path = prompt[len("FILE:"):]
+        try:
+            with open(path, encoding="utf-8") as f:
+                prompt = f.read()
+        except FileNotFoundError:
+            raise UserError(f"prompt file {path} not found") from None
+        except UnicodeDecodeError:
+            raise UserError(f"prompt file {path} is not UTF-8 text") from None
+    if prompt:
+        return tokenizer.encode(prompt), prompt
+    if tokenizer.eot_id is not None:
+        return [tokenizer.eot_id], ""
+    return tokenizer.encode("\n"), "\n"
+
+
+def check_config(cfg):
+    if cfg.num_samples < 1 or cfg.max_new_tokens < 0:
+        raise UserError("--num_samples must be at least 1 and --max_new_tokens 0 or more")
+    if cfg.temperature < 0:
+        raise UserError(f"--temperature must be 0 or more, got {cfg.temperature}")
+    if cfg.top_k < 0 or not 0.0 < cfg.top_p <= 1.0:
+        raise UserError("--top_k must be 0 or more and --top_p in (0, 1]")
+
+
+def main():
+    cfg = parse_config(SampleConfig, sys.argv[1:], USAGE)
+    check_config(cfg)
+    device = resolve_device(cfg.device)
+    checkpoint = load_checkpoint(cfg.out_dir, map_location="cpu")
+    model, tokenizer = model_from_checkpoint(checkpoint, device=device)
+    model.eval()
+    prompt_ids, prompt_text = read_prompt(cfg.prompt, tokenizer)
+    block_size = model.config.block_size
+    print(f"model: {model.num_params():,} parameters, step {checkpoint['step']}, "
+          f"{tokenizer.kind} tokenizer; prompt: {len(prompt_ids)} tokens"
+          + (f" (cropped to the last {block_size})" if len(prompt_ids) > block_size else ""), file=sys.stderr)
+
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    for sample_index in range(cfg.num_samples):
+        if sample_index:
+            print("\n---------------")
+        sys.stdout.write(prompt_text)
+        # tokens can end in the middle of a UTF-8 character; the incremental decoder waits for the rest
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        started, count = time.time(), 0
+        for token_id in model.generate(prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature,
+                                       top_k=cfg.top_k or None, top_p=cfg.top_p, eos_id=tokenizer.eot_id,
+                                       generator=generator, use_kv_cache=cfg.kv_cache):
+            count += 1
+            if token_id == tokenizer.eot_id:
+                break
+            sys.stdout.write(decoder.decode(tokenizer.token_bytes(token_id)))
+            sys.stdout.flush()
+        sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+        sys.stdout.flush()
+        seconds = time.time() - started
+        print(f"[{count} tokens in {seconds:.2f} s, {count / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,432 @@
+"""Train a GPT.
+
+    python train.py                                   # default: small model, Python stdlib corpus, CPU minutes
+    python train.py configs/shakespeare_char.toml     # a preset
+    python train.py --n_layer=4 --max_iters=500       # any field, see --help
+    torchrun --nproc_per_node=8 train.py configs/gpt2_124m.toml   # many GPUs, same code
+
+Everything the run does is in `train()`, top to bottom: set-up, data, model, optimizer,
+then the loop (evaluate, learning rate, forward/backward, clip, step, log, checkpoint).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from model.cli import UserError, field, main_guard, parse_config, resolve_device
+from model.gpt import GPT, GPTConfig
+from model.tokenizer import load_tokenizer
+
+USAGE = "usage: python train.py [configs/NAME.toml] [--field=value ...]"
+MODEL_FIELDS = ("arch", "n_layer", "n_head", "n_embd", "block_size", "vocab_pad_multiple")
+
+
+@dataclass
+class TrainConfig:
+    # where things go
+    out_dir: str = field("out", "folder for ckpt.pt, log.jsonl and loss.png")
+    init_from: str = field("scratch", "scratch | resume (continue out_dir/ckpt.pt) | path/to/ckpt.pt (fine-tune from its weights)")
+    dataset: str = field("pystdlib", "prepared data set in data_root/<dataset>/ (built-in ones are prepared on first use)")
+    data_root: str = field("data", "folder holding prepared data sets")
+    # the model
+    arch: str = field("gpt2", "gpt2 (GPT-2 exactly) | llama (RoPE, RMSNorm, SwiGLU, no biases)")
+    n_layer: int = field(4, "transformer blocks")
+    n_head: int = field(4, "attention heads per block")
+    n_embd: int = field(128, "width of the residual stream")
+    block_size: int = field(128, "context length in tokens")
+    dropout: float = field(0.0, "dropout probability (0 for pre-training big data, ~0.2 for small data)")
+    vocab_pad_multiple: int = field(64, "pad the embedding rows to a multiple of this (fast GPU matmuls; never sampled)")
+    # the optimisation
+    batch_size: int = field(32, "sequences per micro-batch (per process)")
+    grad_accum: int = field(1, "micro-batches summed before each optimizer step")
+    max_iters: int = field(1000, "optimizer steps to train for")
+    learning_rate: float = field(2e-3, "peak learning rate (after warm-up)")
+    min_lr: float = field(2e-4, "learning rate at the end of the cosine decay")
+    warmup_iters: int = field(50, "steps of linear warm-up from 0 to learning_rate")
+    lr_decay_iters: int = field(0, "step where the cosine reaches min_lr (0 = max_iters)")
+    weight_decay: float = field(0.1, "AdamW weight decay, on 2-D weights only")
+    beta1: float = field(0.9, "AdamW beta1")
+    beta2: float = field(0.99, "AdamW beta2")
+    grad_clip: float = field(1.0, "clip the gradient norm to this (0 = off)")
+    # watching it
+    eval_interval: int = field(250, "evaluate train/val loss every this many steps")
+    eval_iters: int = field(20, "batches per evaluation")
+    log_interval: int = field(10, "update the progress bar and log.jsonl every this many steps")
+    checkpoint_interval: int = field(0, "also write ckpt.pt every this many steps (0 = at evaluations and the end)")
+    sample_tokens: int = field(300, "tokens to sample from the model at the end (0 = none)")
+    sample_prompt: str = field("\n", "prompt for the sample at the end")
+    # the machine
+    device: str = field("auto", "auto | cpu | cuda | cuda:N | mps")
+    dtype: str = field("auto", "auto (bfloat16 on CUDA, else float32) | float32 | bfloat16 | float16")
+    compile: bool = field(False, "torch.compile the model (faster on GPU; slow to start)")
+    seed: int = field(1337, "seed for initialisation, dropout and the batch order")
+    plot: bool = field(True, "draw out_dir/loss.png at every evaluation (needs matplotlib)")
+
+
+def learning_rate_at(step, cfg):
+    """Linear warm-up, then a cosine from learning_rate down to min_lr, then flat."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_iters
+    if step >= decay_iters:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def make_optimizer(model, cfg, device_type):
+    # Weight decay pulls matrices towards zero; doing that to biases, norms' gains or
+    # 1-D parameters only hurts, so they get none.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # fused AdamW updates every parameter in one kernel on CUDA
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=device_type == "cuda")
+
+
+def pick_dtype(name, device_type):
+    if name == "auto":
+        if device_type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise UserError(f"unknown dtype {name!r}: use auto, float32, bfloat16 or float16")
+    return dtypes[name]
+
+
+def ensure_dataset(cfg, is_master):
+    """The prepared data folder; built-in data sets are prepared the first time they are used."""
+    data_dir = os.path.join(cfg.data_root, cfg.dataset)
+    if not os.path.exists(os.path.join(data_dir, "meta.json")):
+        from data.prepare import BUILTIN_SOURCES, prepare
+
+        if cfg.dataset not in BUILTIN_SOURCES:
+            raise UserError(f"no prepared data set at {data_dir}: run python data/prepare.py {cfg.dataset} --input=...")
+        if is_master:
+            print(f"preparing the {cfg.dataset} data set (first use)...", file=sys.stderr)
+            prepare(cfg.dataset, data_root=cfg.data_root)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # other ranks wait for rank 0 to finish writing
+    with open(os.path.join(data_dir, "meta.json")) as f:
+        return data_dir, json.load(f)
+
+
+def unigram_entropy(data_dir, meta, max_tokens=50_000_000):
+    """Entropy (nats/token) of the token frequencies: the loss of a model that ignores context."""
+    tokens = np.memmap(os.path.join(data_dir, "train.bin"), dtype=meta["dtype"], mode="r")[:max_tokens]
+    counts = np.bincount(tokens, minlength=meta["vocab_size"]).astype(np.float64)
+    probs = counts[counts > 0] / counts.sum()
+    return float(-(probs * np.log(probs)).sum())
+
+
+def rng_state(device_type):
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else []}
+
+
+def restore_rng_state(state, device_type):
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if device_type == "cuda" and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def evaluate(model, loaders, eval_iters, autocast, world_size):
+    """Mean loss over the same eval_iters batches of each split (averaged over all processes)."""
+    model.eval()
+    losses = {}
+    for split, loader in loaders.items():
+        total = torch.zeros((), device=loader.device)
+        for i in range(eval_iters):
+            x, y = loader.eval_batch(i)
+            with autocast:
+                _, loss = model(x, y)
+            total += loss.float()
+        if world_size > 1:
+            torch.distributed.all_reduce(total)
+        losses[split] = total.item() / eval_iters / world_size
+    model.train()
+    return losses
+
+
+def train(cfg, checkpoint=None):
+    """Train from scratch, or from `checkpoint` (resume when cfg.init_from == "resume")."""
+    # ---- processes and devices -------------------------------------------------------
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:  # started by torchrun: one process per GPU (or per CPU worker)
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = resolve_device(cfg.device)
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    else:
+        rank, world_size, device = 0, 1, resolve_device(cfg.device)
+    is_master = rank == 0  # only rank 0 prints, plots and writes files
+    device_type = device.split(":")[0]
+    dtype = pick_dtype(cfg.dtype, device_type)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free speed for fp32 parts
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    say = (lambda *a: print(*a, file=sys.stderr)) if is_master else (lambda *a: None)
+
+    resumed = checkpoint is not None and cfg.init_from == "resume"
+    if is_master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+
+    # ---- data ----------------------------------------------------------------------------
+    from data.loader import BatchLoader
+
+    data_dir, meta = ensure_dataset(cfg, is_master)
+    tokenizer = load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
+    if checkpoint is not None and checkpoint["tokenizer"] != tokenizer.to_dict():
+        raise UserError(f"the checkpoint's tokenizer differs from data set {cfg.dataset!r}'s; "
+                        "prepare the data with the same tokenizer")
+    loaders = {split: BatchLoader(data_dir, split, cfg.batch_size, cfg.block_size, cfg.seed, rank=rank,
+                                  world_size=world_size, grad_accum=cfg.grad_accum, device=device)
+               for split in ("train", "val")}
+    train_loader = loaders["train"]
+
+    # ---- model -----------------------------------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    if checkpoint is not None:
+        model, _ = model_from_checkpoint(checkpoint, device="cpu", dropout=cfg.dropout)
+    else:
+        model = GPT(GPTConfig(arch=cfg.arch, vocab_size=meta["vocab_size"], block_size=cfg.block_size,
+                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                              dropout=cfg.dropout, vocab_pad_multiple=cfg.vocab_pad_multiple))
+    model.to(device)
+    raw_model = model  # the plain module: what we save, so checkpoints never depend on compile/DDP
+    if cfg.compile:
+        if sys.platform == "win32":
+            raise UserError("--compile is not supported on Windows by torch.compile; run without it")
+        model = torch.compile(model)
+    if distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    optimizer = make_optimizer(raw_model, cfg, device_type)
+    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+
+    step, best_val_loss, last_eval_step = 0, float("inf"), -1
+    if resumed:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if "scaler" in checkpoint:
+            scaler.load_state_dict(checkpoint["scaler"])
+        step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
+        last_eval_step = checkpoint["last_eval_step"]
+        train_loader.load_state_dict(checkpoint["loader"])
+        restore_rng_state(checkpoint["rng"], device_type)
+    start_step = step
+
+    # ---- what this run is, in numbers -------------------------------------------------
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world_size
+    vocab = meta["vocab_size"]
+    say(json.dumps(dataclasses.asdict(cfg)))
+    say(f"model: {raw_model.config.arch}, {raw_model.num_params():,} parameters "
+        f"({raw_model.config.n_layer} layers, {raw_model.config.n_head} heads, {raw_model.config.n_embd} wide, "
+        f"context {raw_model.config.block_size})")
+    say(f"data: {cfg.dataset}, {meta['train_tokens']:,} train tokens, {meta['tokenizer']} tokenizer, vocabulary {vocab}")
+    say(f"device: {device} {str(dtype).replace('torch.', '')}, {world_size} process(es), "
+        f"{tokens_per_step:,} tokens per step")
+    say(f"reference points: uniform guess ln({vocab}) = {math.log(vocab):.3f} nats; "
+        f"unigram entropy of the data = {unigram_entropy(data_dir, meta):.3f} nats/token")
+    bytes_per_token = meta["val_bytes"] / meta["val_tokens"]
+
+    log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if is_master else None
+
+    def log(record):
+        if log_file:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+    def checkpoint_now():
+        return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(raw_model.config),
+                "config": dataclasses.asdict(cfg), "step": step, "best_val_loss": best_val_loss,
+                "last_eval_step": last_eval_step,
+                "rng": rng_state(device_type), "loader": train_loader.state_dict(),
+                "tokenizer": tokenizer.to_dict(), "data_meta": meta}
+
+    nonfinite_seen = torch.zeros((), dtype=torch.bool, device=device)  # checked without a sync per step
+
+    def save():
+        if bool(nonfinite_seen):
+            raise UserError(f"loss became NaN/inf by step {step}; the last good checkpoint in {cfg.out_dir} is kept. "
+                            "Try a lower --learning_rate or --grad_clip")
+        if is_master:
+            save_checkpoint(checkpoint_now(), os.path.join(cfg.out_dir, "ckpt.pt"))
+
+    # Ctrl-C: finish the current step, save, and exit (a second Ctrl-C stops at once)
+    stop_requested = []
+
+    def request_stop(signum, frame):
+        if stop_requested:
+            raise KeyboardInterrupt
+        stop_requested.append(signum)
+        say("\nstopping after this step (Ctrl-C again to quit without saving)...")
+
+    signal.signal(signal.SIGINT, request_stop)
+
+    # ---- the loop -------------------------------------------------------------------------
+    from tqdm import tqdm
+
+    progress = tqdm(total=cfg.max_iters, initial=step, disable=not is_master, dynamic_ncols=True, unit="step")
+    timer, tokens_since = time.time(), 0
+    while True:
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            if step != last_eval_step:  # (a resumed run may have been evaluated at this step already)
+                losses = evaluate(model, loaders, cfg.eval_iters, autocast, world_size)
+                val_bpb = losses["val"] / math.log(2) / bytes_per_token
+                best_val_loss, last_eval_step = min(best_val_loss, losses["val"]), step
+                if is_master:
+                    progress.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+                                   f"val bpb {val_bpb:.4f}")
+                log({"step": step, "tokens": step * tokens_per_step, "train_loss": losses["train"],
+                     "val_loss": losses["val"], "val_bpb": val_bpb, "lr": learning_rate_at(step, cfg)})
+                if is_master and cfg.plot:
+                    draw_loss_plot(cfg.out_dir)
+                if step > start_step or step == cfg.max_iters:
+                    save()
+            timer = time.time()  # evaluation time is not training time
+        if step >= cfg.max_iters:
+            break
+
+        lr = learning_rate_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro_step in range(cfg.grad_accum):
+            x, y = train_loader.next_batch()
+            # under DDP, all-reduce the gradients only after the last micro-batch
+            last = micro_step == cfg.grad_accum - 1
+            sync = nullcontext() if (not distributed or last) else model.no_sync()
+            with sync:
+                with autocast:
+                    _, loss = model(x, y)
+                scaler.scale(loss / cfg.grad_accum).backward()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        nonfinite_seen |= ~torch.isfinite(loss.detach())
+        step += 1
+        tokens_since += tokens_per_step
+        progress.update(1)
+
+        if step % cfg.log_interval == 0 or step == cfg.max_iters:
+            loss_value = loss.detach().float()
+            if distributed:
+                torch.distributed.all_reduce(loss_value)
+                loss_value /= world_size
+            loss_value = loss_value.item()  # the one host sync per log interval
+            if not math.isfinite(loss_value):
+                raise UserError(f"loss is {loss_value} at step {step}; stopped without saving, the last good "
+                                f"checkpoint in {cfg.out_dir} is kept. Try a lower --learning_rate")
+            tokens_per_s = tokens_since / max(time.time() - timer, 1e-9)
+            timer, tokens_since = time.time(), 0
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            log({"step": step, "tokens": step * tokens_per_step, "loss": loss_value, "lr": lr,
+                 "tokens_per_s": tokens_per_s})
+        if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0:
+            save()
+        if stop_agreed(stop_requested, distributed, step % cfg.log_interval == 0, device):
+            save()
+            progress.close()
+            say(f"stopped at step {step}; saved {cfg.out_dir}/ckpt.pt (continue with --init_from=resume)")
+            sys.exit(130)
+    progress.close()
+    say(f"done: {step} steps, best val loss {best_val_loss:.4f}; saved {cfg.out_dir}/ckpt.pt")
+
+    if is_master and cfg.sample_tokens > 0:
+        raw_model.eval()
+        prompt = tokenizer.encode(cfg.sample_prompt)
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        new = list(raw_model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=50,
+                                      eos_id=tokenizer.eot_id, generator=generator))
+        say("---- a sample from the model (python sample.py for more) ----")
+        print(tokenizer.decode(prompt + new))
+    if log_file:
+        log_file.close()
+    if distributed:
+        torch.distributed.destroy_process_group()
+
+
+def stop_agreed(stop_requested, distributed, at_log_step, device):
+    """Single process: stop when Ctrl-C was pressed. Under DDP every rank must stop at the
+    same step, so the ranks agree (one all-reduce) at log steps only."""
+    if not distributed:
+        return bool(stop_requested)
+    if not at_log_step:
+        return False
+    flag = torch.tensor(float(bool(stop_requested)), device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def draw_loss_plot(out_dir):
+    """Redraw loss.png from log.jsonl (skipped, with one note, when matplotlib is missing)."""
+    try:
+        from plot import plot_log
+    except ImportError:
+        return
+    plot_log(os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "loss.png"))
+
+
+def main():
+    cfg, given = parse_config(TrainConfig, sys.argv[1:], USAGE, allow_preset=True, return_given=True)
+    checkpoint = None
+    if cfg.init_from != "scratch":
+        resume = cfg.init_from == "resume"
+        checkpoint = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt") if resume else cfg.init_from)
+        # the model's shape comes from the checkpoint; asking for another one is a mistake
+        saved_model = checkpoint["model_config"]
+        for name in MODEL_FIELDS:
+            if name in given and getattr(cfg, name) != saved_model[name]:
+                raise UserError(f"cannot change {name} of a trained model (the checkpoint has {saved_model[name]})")
+        base = dataclasses.asdict(cfg)
+        if resume:  # continue with the saved settings; only what was given now changes
+            base.update({k: v for k, v in checkpoint["config"].items() if k in base})
+            base.update({k: getattr(cfg, k) for k in given})
+        base.update({name: saved_model[name] for name in MODEL_FIELDS})
+        cfg = TrainConfig(**base)
+    check_config(cfg)
+    train(cfg, checkpoint)
+
+
+def check_config(cfg):
+    positive = ["n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "eval_interval",
+                "eval_iters", "log_interval", "vocab_pad_multiple"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.max_iters < 0:
+        raise UserError("--max_iters must be 0 or more")
+    if cfg.arch not in ("gpt2", "llama"):
+        raise UserError(f"--arch must be gpt2 or llama, got {cfg.arch!r}")
+    if cfg.n_embd % cfg.n_head:
+        raise UserError(f"--n_embd ({cfg.n_embd}) must be divisible by --n_head ({cfg.n_head})")
+    if cfg.arch == "llama" and (cfg.n_embd // cfg.n_head) % 2:
+        raise UserError("--arch=llama needs an even head size (n_embd / n_head) for rotary embeddings")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -240,8 +240,8 @@ def train_bpe(texts: list[str], vocab_size: int, verbose: bool = False) -> Token
         if pair_counts.get(pair) != -negative_count:
             continue  # stale heap entry: this pair's count changed after it was pushed
         merged = token_bytes[pair[0]] + token_bytes[pair[1]]
-        # Two different pairs can spell the same bytes ("ab"+"c", "a"+"bc"); tiktoken needs
-        # one id per byte string, so such a merge reuses the existing token.
+        # tiktoken needs one id per byte string; should a second pair ever spell bytes we
+        # already have ("ab"+"c" after "a"+"bc"), the merge reuses the existing token.
         new_id = id_of.get(merged)
         if new_id is None:
             new_id = id_of[merged] = len(token_bytes)

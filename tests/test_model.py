@@ -1,0 +1,83 @@
+import math
+
+import pytest
+import torch
+
+from model.gpt import GPT, GPTConfig, KVCache, filter_logits, sample_next_token
+
+
+def tiny(arch, **overrides):
+    settings = dict(arch=arch, vocab_size=61, block_size=32, n_layer=2, n_head=4, n_embd=32)
+    settings.update(overrides)
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**settings)).eval()
+
+
+def test_gpt2_124m_has_gpt2s_parameter_count():
+    model = GPT(GPTConfig(arch="gpt2", vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768))
+    assert model.num_params() == 124_439_808
+
+
+def test_padded_vocabulary_rows_are_never_scored():
+    model = tiny("gpt2", vocab_pad_multiple=64)
+    assert model.wte.weight.shape[0] == 64
+    logits, _ = model(torch.zeros(1, 5, dtype=torch.long))
+    assert logits.shape[-1] == 61
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_kv_cache_matches_full_recompute(arch):
+    model = tiny(arch)
+    idx = torch.randint(0, 61, (2, 30), generator=torch.Generator().manual_seed(1))
+    full, _ = model(idx)
+    cache = KVCache(model.config, 2, "cpu", torch.float32)
+    pieces = [model(idx[:, :9], kv_cache=cache)[0], model(idx[:, 9:16], kv_cache=cache)[0]]
+    for t in range(16, 30):  # then one token at a time, as generation does
+        pieces.append(model(idx[:, t:t + 1], kv_cache=cache)[0])
+    cached = torch.cat(pieces, dim=1)
+    assert torch.allclose(cached, full, atol=1e-5), (cached - full).abs().max()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_greedy_generation_is_the_same_with_and_without_the_cache(arch):
+    model = tiny(arch, block_size=16)
+    prompt = [3, 1, 4, 1, 5]
+    with_cache = list(model.generate(prompt, 11, temperature=0))  # fills the context exactly
+    without = list(model.generate(prompt, 11, temperature=0, use_kv_cache=False))
+    assert with_cache == without
+    # past the context the cache restarts from the last half; generation keeps going
+    assert len(list(model.generate(prompt, 40, temperature=0))) == 40
+
+
+def test_llama_has_no_biases_and_gpt2_has_them():
+    assert not any(name.endswith("bias") for name, _ in tiny("llama").named_parameters())
+    assert any(name.endswith("attn.c_attn.bias") for name, _ in tiny("gpt2").named_parameters())
+
+
+def test_residual_projections_get_a_smaller_init():
+    model = GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=8, n_head=4, n_embd=256))
+    projection_std = model.blocks[0].attn.c_proj.weight.std().item()
+    assert projection_std == pytest.approx(0.02 / math.sqrt(16), rel=0.1)
+    assert model.blocks[0].attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_loss_at_initialisation_is_close_to_a_uniform_guess():
+    model = tiny("gpt2")
+    generator = torch.Generator().manual_seed(0)
+    inputs, targets = torch.randint(0, 61, (2, 8, 32), generator=generator)
+    _, loss = model(inputs, targets)
+    assert abs(loss.item() - math.log(61)) < 0.3
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    kept_k = torch.isfinite(filter_logits(logits, top_k=2))
+    assert kept_k.tolist() == [True, True, False, False]
+    kept_p = torch.isfinite(filter_logits(logits, top_p=0.7))  # 0.5 < 0.7 <= 0.5 + 0.3
+    assert kept_p.tolist() == [True, True, False, False]
+    kept_p = torch.isfinite(filter_logits(logits, top_p=0.4))  # the first token alone
+    assert kept_p.tolist() == [True, False, False, False]
+    assert sample_next_token(logits, temperature=0) == 0
+    generator = torch.Generator().manual_seed(0)
+    draws = {sample_next_token(logits, 1.0, top_k=2, generator=generator) for _ in range(200)}
+    assert draws == {0, 1}

@@ -111,9 +111,9 @@ def ensure_dataset(cfg, is_master):
     """The prepared data folder; built-in data sets are prepared the first time they are used."""
     data_dir = os.path.join(cfg.data_root, cfg.dataset)
     if not os.path.exists(os.path.join(data_dir, "meta.json")):
-        from data.prepare import BUILTIN_SOURCES, prepare
+        from data.prepare import BUILTINS, prepare
 
-        if cfg.dataset not in BUILTIN_SOURCES:
+        if cfg.dataset not in BUILTINS:
             raise UserError(f"no prepared data set at {data_dir}: run python data/prepare.py {cfg.dataset} --input=...")
         if is_master:
             print(f"preparing the {cfg.dataset} data set (first use)...", file=sys.stderr)
@@ -292,11 +292,16 @@ def train(cfg, checkpoint=None):
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             if step != last_eval_step:  # (a resumed run may have been evaluated at this step already)
                 losses = evaluate(model, loaders, cfg.eval_iters, autocast, world_size)
+                if not all(math.isfinite(v) for v in losses.values()):
+                    progress.close()
+                    raise UserError(f"loss became NaN/inf by step {step} (val loss {losses['val']}); stopped without "
+                                    f"saving, the last good checkpoint in {cfg.out_dir} is kept. "
+                                    "Try a lower --learning_rate")
                 val_bpb = losses["val"] / math.log(2) / bytes_per_token
                 best_val_loss, last_eval_step = min(best_val_loss, losses["val"]), step
                 if is_master:
                     progress.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-                                   f"val bpb {val_bpb:.4f}")
+                                   f"val bpb {val_bpb:.4f}", file=sys.stderr)
                 log({"step": step, "tokens": step * tokens_per_step, "train_loss": losses["train"],
                      "val_loss": losses["val"], "val_bpb": val_bpb, "lr": learning_rate_at(step, cfg)})
                 if is_master and cfg.plot:
@@ -337,6 +342,7 @@ def train(cfg, checkpoint=None):
                 loss_value /= world_size
             loss_value = loss_value.item()  # the one host sync per log interval
             if not math.isfinite(loss_value):
+                progress.close()
                 raise UserError(f"loss is {loss_value} at step {step}; stopped without saving, the last good "
                                 f"checkpoint in {cfg.out_dir} is kept. Try a lower --learning_rate")
             tokens_per_s = tokens_since / max(time.time() - timer, 1e-9)

@@ -17,6 +17,7 @@ SOURCE is one of
     hf:/local/file.jsonl      dataset repository) or one .parquet/.json/.jsonl/.csv/.txt file
                               (a single file is one split; --split is not used). A path wins over a
                               hub name when it exists on disk.
+    python:stdlib             the pystdlib corpus below (to prepare it under another name)
 
 Built-in names need no --input:
     pystdlib          the .py files of the running Python's standard library (tests excluded): the
@@ -74,7 +75,7 @@ from model.tokenizer import (
 )
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-STDLIB = "stdlib"  # marker source for the pystdlib corpus
+STDLIB = "python:stdlib"  # the source of the pystdlib corpus
 BUILTINS = {  # name -> (default source, default tokenizer)
     "pystdlib": (STDLIB, "char"),
     "shakespeare_char": (SHAKESPEARE_URL, "char"),
@@ -84,6 +85,11 @@ TOKENIZERS = ("char", "bpe", "gpt2")
 STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 HF_FILE_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text"}
 ENCODE_BATCH_CHARS = 8_000_000  # text per encode_batch call: big enough to use every core, small enough for memory
+PIECE_CHARS = 1_000_000  # longer documents are cut into parts of about this size for encoding
+# A newline with non-space characters on both sides. GPT-2's pre-split makes such a newline a chunk
+# of its own, and BPE never merges across chunks, so cutting the text just after it changes no id.
+# (Python's \S is a little narrower than the tokenizer's, which only makes the rule stricter.)
+SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
 
 
 @dataclasses.dataclass
@@ -99,7 +105,8 @@ class PrepareConfig:
     data_root: str = field("data", "folder that holds prepared datasets (and .cache/ for downloads)")
 
 
-USAGE = "usage: python data/prepare.py NAME [--input=SOURCE] [--tokenizer=char|bpe|gpt2] [--options]"
+USAGE = ("usage: python data/prepare.py NAME [--input=SOURCE] [--tokenizer=char|bpe|gpt2] [--options]\n"
+         f"built-in NAMEs (no --input needed): {', '.join(BUILTINS)}; SOURCE forms: see data/prepare.py")
 
 
 def note(message):
@@ -185,25 +192,27 @@ def download(url, data_root):
     return path
 
 
-def hf_documents(spec, split, text_field):
+def hf_documents(spec, split, text_field, data_root):
     """Texts of an hf: source (hub name or local path), read through `datasets` in streaming mode."""
     import datasets  # only hf: sources need it, and it is slow to import
 
     local = Path(spec).expanduser()
+    # Streaming reads the rows in place (no Arrow copy of the whole set); what little `datasets`
+    # keeps on disk goes to the data folder's own cache, next to our other downloads.
+    options = dict(streaming=True, cache_dir=str(Path(data_root) / ".cache" / "huggingface"))
     try:
         if local.is_dir():
-            # Streaming reads the files in place: no Arrow copy in ~/.cache, and the hub path works alike.
-            dataset = datasets.load_dataset(str(local), split=split, streaming=True)
+            dataset = datasets.load_dataset(str(local), split=split, **options)
         elif local.is_file():
             builder = HF_FILE_FORMATS.get(local.suffix.lower())
             if builder is None:
                 raise UserError(f"hf:{spec}: unknown data file type {local.suffix!r} "
                                 f"(expected one of {', '.join(HF_FILE_FORMATS)})")
-            dataset = datasets.load_dataset(builder, data_files=str(local), split="train", streaming=True)
+            dataset = datasets.load_dataset(builder, data_files=str(local), split="train", **options)
         else:
             name, _, subset = spec.partition(":")
-            dataset = datasets.load_dataset(name, subset or None, split=split, streaming=True)
-        progress = tqdm(desc=f"reading hf:{spec}", unit="B", unit_scale=True, disable=None)
+            dataset = datasets.load_dataset(name, subset or None, split=split, **options)
+        progress = tqdm(desc=f"reading hf:{spec}", unit="char", unit_scale=True, disable=None)
         for row in dataset:
             if text_field not in row:
                 raise UserError(f"hf:{spec} has no column {text_field!r} (columns: {', '.join(row)}); "
@@ -230,7 +239,7 @@ def read_documents(source, data_root, split, text_field, max_bytes):
         root, files = stdlib_files()
         documents, description = folder_documents(root, files), f"python stdlib {root}"
     elif source.startswith("hf:"):
-        documents, description = hf_documents(source[3:], split, text_field), source
+        documents, description = hf_documents(source[3:], split, text_field, data_root), source
     elif source.startswith(("http://", "https://")):
         documents, description = [read_text_file(download(source, data_root))], source
         if documents[0] is None:
@@ -310,6 +319,22 @@ def build_tokenizer(kind, pieces, vocab_size, tokenizer_file):
 def token_dtype(vocab_size):
     """uint16 while every id (0 .. vocab_size-1) fits in 16 bits: half the disk and memory of uint32."""
     return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def cut_long_pieces(pieces):
+    """Cut pieces longer than PIECE_CHARS at safe newlines, so that one huge file still encodes in
+    parallel batches and bounded memory, into exactly the ids the uncut text would give."""
+    parts = []
+    for text, is_val, ends_document in pieces:
+        start = 0
+        while len(text) - start > PIECE_CHARS:
+            cut = SAFE_CUT.search(text, start + PIECE_CHARS)
+            if cut is None:
+                break
+            parts.append((text[start:cut.end()], is_val, False))
+            start = cut.end()
+        parts.append((text[start:] if start else text, is_val, ends_document))
+    return parts
 
 
 def encode_pieces(tokenizer, pieces, dtype, files):
@@ -392,7 +417,7 @@ def prepare(name, input=None, tokenizer=None, vocab_size=4096, tokenizer_file=No
     partials = [out_dir / f".tmp-{os.getpid()}-{n}" for n in names]
     try:
         with open(partials[0], "wb") as train_file, open(partials[1], "wb") as val_file:
-            tokens, nbytes = encode_pieces(tok, pieces, dtype, [train_file, val_file])
+            tokens, nbytes = encode_pieces(tok, cut_long_pieces(pieces), dtype, [train_file, val_file])
         for split_name, count in (("train", tokens[0]), ("val", tokens[1])):
             if count < 2:  # a loader needs at least one input and one target token
                 raise UserError(f"the {split_name} split would hold {count} token(s); give more text "
@@ -444,7 +469,7 @@ def main(argv=None):
     config = parse_config(PrepareConfig, flags, USAGE)  # handles --help before NAME is required
     positional = [a for a in argv if not a.startswith("-")]
     if len(positional) != 1:
-        raise UserError(f"expected one dataset NAME (e.g. pystdlib), got {len(positional)}; {USAGE}")
+        raise UserError(f"expected one dataset NAME (e.g. pystdlib), got {len(positional)} (see --help)")
     prepare(positional[0], input=config.input or None, tokenizer=config.tokenizer or None,
             vocab_size=config.vocab_size, tokenizer_file=config.tokenizer_file or None, split=config.split,
             text_field=config.text_field, max_bytes=config.max_bytes, val_fraction=config.val_fraction,

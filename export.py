@@ -1,0 +1,98 @@
+"""Export a checkpoint as one flat file of numbers that run.py (numpy alone) can run.
+
+    python export.py --out_dir=out                 # out/ckpt.pt -> out/model.bin
+    python run.py out/model.bin --prompt="def "    # no torch needed from here on
+
+The file holds a small header (the model's sizes), the tokenizer (every token's bytes),
+then every weight as little-endian float32, in the order run.weight_layout lists them.
+The layout is defined once, by its reader, so the two can never disagree. README.md
+describes the format byte by byte.
+"""
+
+import math
+import os
+import struct
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from model.checkpoint import load_checkpoint, model_from_checkpoint
+from model.cli import UserError, field, main_guard, parse_config
+from run import ARCHS, HEADER, MAGIC, TOKENIZER_KINDS, VERSION, Config, weight_layout
+
+USAGE = "usage: python export.py [--out_dir=out] [--output=out/model.bin]"
+
+
+@dataclass
+class ExportConfig:
+    out_dir: str = field("out", "folder with ckpt.pt (or the path of a checkpoint file)")
+    output: str = field("", "file to write ('' = model.bin next to the checkpoint)")
+
+
+def length_prefixed(data: bytes) -> bytes:
+    return struct.pack("<I", len(data)) + data
+
+
+def file_config(model):
+    """Everything run.py's forward pass needs to know about the model's shape."""
+    c = model.config
+    return Config(c.arch, c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_embd, c.mlp_hidden,
+                  model.ln_f.eps, c.rope_theta)
+
+
+def export(model, tokenizer, path):
+    """Write the model and its tokenizer to `path` atomically (temporary file, then rename)."""
+    config = file_config(model)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise UserError(f"the checkpoint's tokenizer has {tokenizer.vocab_size} ids but the model {config.vocab_size}")
+    header = HEADER.pack(MAGIC, VERSION, ARCHS.index(config.arch), config.vocab_size, config.block_size,
+                         config.n_layer, config.n_head, config.n_embd, config.mlp_hidden,
+                         config.norm_eps, config.rope_theta)
+    eot_id = -1 if tokenizer.eot_id is None else tokenizer.eot_id
+    header += struct.pack("<Ii", TOKENIZER_KINDS.index(tokenizer.kind), eot_id)
+    header += length_prefixed(getattr(tokenizer, "pattern", "").encode("utf-8"))
+    header += struct.pack("<I", tokenizer.vocab_size)
+    header += b"".join(length_prefixed(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size))
+    header += bytes(-len(header) % 64)  # zeros up to a multiple of 64: the weights start aligned
+
+    state = model.state_dict()
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    temporary = path + ".tmp"
+    try:
+        with open(temporary, "wb") as f:
+            f.write(header)
+            for name, shape in weight_layout(config):
+                tensor = state[name]
+                if name == "wte.weight":
+                    tensor = tensor[:config.vocab_size]  # the padded rows are never scored: leave them out
+                assert tuple(tensor.shape) == shape, (name, tuple(tensor.shape), shape)
+                f.write(tensor.detach().to(torch.float32).cpu().numpy().astype("<f4").tobytes())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def main():
+    cfg = parse_config(ExportConfig, sys.argv[1:], USAGE)
+    checkpoint = load_checkpoint(cfg.out_dir, map_location="cpu")
+    model, tokenizer = model_from_checkpoint(checkpoint)
+    checkpoint_dir = cfg.out_dir if os.path.isdir(cfg.out_dir) else os.path.dirname(cfg.out_dir)
+    output = cfg.output or os.path.join(checkpoint_dir, "model.bin")
+    if os.path.isdir(output):
+        raise UserError(f"--output={output} is a folder; give a file name such as {os.path.join(output, 'model.bin')}")
+    try:
+        export(model, tokenizer, output)
+    except OSError as e:
+        raise UserError(f"cannot write {output}: {e.strerror}") from None
+    n_params = sum(math.prod(shape) for _, shape in weight_layout(file_config(model)))
+    print(f"wrote {output}: {model.config.arch}, {n_params:,} float32 parameters, "
+          f"{os.path.getsize(output) / 1e6:.2f} MB, "
+          f"{tokenizer.kind} tokenizer with {tokenizer.vocab_size:,} tokens")
+    print(f"run it with numpy alone: python run.py {output} --prompt=\"...\"")
+
+
+if __name__ == "__main__":
+    main_guard(main)

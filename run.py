@@ -1,0 +1,385 @@
+"""Run a language model with numpy alone: the parameters file written by export.py, and this.
+
+    python run.py out/model.bin --prompt="def main(" --max_new_tokens=200 --temperature=0.8
+
+A language model is a file of numbers and a short program that multiplies your input by
+them. This is that program: the forward pass of model/gpt.py written out in plain numpy,
+reading the numbers straight from the file (memory-mapped: nothing is copied until used).
+It imports only numpy and the standard library, so this one file and model.bin are all a
+machine needs. The file format is laid out byte by byte in README.md.
+"""
+
+import argparse
+import codecs
+import math
+import os
+import re
+import struct
+import sys
+import time
+import unicodedata
+from dataclasses import dataclass
+
+import numpy as np
+
+MAGIC, VERSION = b"GPTMODEL", 1
+ARCHS, TOKENIZER_KINDS = ("gpt2", "llama"), ("char", "bpe", "gpt2")
+# magic, version, arch, vocab_size, block_size, n_layer, n_head, n_embd, mlp_hidden, norm_eps, rope_theta
+HEADER = struct.Struct("<8s8I2f")
+GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+class BadInput(Exception):
+    """A model file or a prompt we cannot use: reported as one line, exit code 2."""
+
+
+@dataclass
+class Config:
+    arch: str
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    mlp_hidden: int
+    norm_eps: float
+    rope_theta: float
+
+    @property
+    def head_size(self):
+        return self.n_embd // self.n_head
+
+
+def weight_layout(config):
+    """(name, shape) of every tensor, in file order. The names are model/gpt.py's; matrices
+    are stored as (out, in), like torch's nn.Linear, so a layer computes x @ W.T + b."""
+    C, H, has_bias = config.n_embd, config.mlp_hidden, config.arch == "gpt2"
+
+    def norm(name):
+        return [(name + ".weight", (C,))] + ([(name + ".bias", (C,))] if has_bias else [])
+
+    def linear(name, n_out, n_in):
+        return [(name + ".weight", (n_out, n_in))] + ([(name + ".bias", (n_out,))] if has_bias else [])
+
+    layout = [("wte.weight", (config.vocab_size, C))]  # token embedding, also the output layer
+    if config.arch == "gpt2":
+        layout.append(("wpe.weight", (config.block_size, C)))  # learned position embedding
+    for i in range(config.n_layer):
+        b = f"blocks.{i}."
+        layout += norm(b + "ln_1") + linear(b + "attn.c_attn", 3 * C, C) + linear(b + "attn.c_proj", C, C)
+        layout += norm(b + "ln_2")
+        if config.arch == "gpt2":
+            layout += linear(b + "mlp.c_fc", H, C) + linear(b + "mlp.c_proj", C, H)
+        else:
+            layout += linear(b + "mlp.w1", H, C) + linear(b + "mlp.w3", H, C) + linear(b + "mlp.c_proj", C, H)
+    return layout + norm("ln_f")
+
+
+# ---- the tokenizer ---------------------------------------------------------------------------
+
+class Tokenizer:
+    def __init__(self, kind, token_bytes, eot_id):
+        self.kind, self.token_bytes, self.eot_id = kind, token_bytes, eot_id
+        if kind == "char":
+            self.id_of = {b.decode("utf-8", "surrogatepass"): i for i, b in enumerate(token_bytes)}
+        else:  # byte-level BPE: a token's id is its merge rank (the lower, the earlier merged)
+            self.ranks = {b: i for i, b in enumerate(token_bytes) if i != eot_id}
+
+    def encode(self, text):
+        if self.kind == "char":
+            unknown = next((ch for ch in text if ch not in self.id_of), None)
+            if unknown is not None:
+                raise BadInput(f"character {unknown!r} (U+{ord(unknown):04X}) is not in the character vocabulary")
+            return [self.id_of[ch] for ch in text]
+        # lone surrogates cannot be UTF-8 encoded; like tiktoken, read them as U+FFFD
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return [i for chunk in gpt2_split(text) for i in self.merge(chunk.encode("utf-8"))]
+
+    def merge(self, chunk):
+        """tiktoken's byte-pair merge: start from single bytes and keep joining the adjacent
+        pair whose joined bytes have the lowest rank, until no joined pair is a token."""
+        if chunk in self.ranks:
+            return [self.ranks[chunk]]
+        parts = [chunk[i:i + 1] for i in range(len(chunk))]
+        while len(parts) > 1:
+            pair_ranks = [self.ranks.get(a + b, math.inf) for a, b in zip(parts, parts[1:])]
+            best = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)  # leftmost lowest
+            if pair_ranks[best] == math.inf:
+                break
+            parts[best:best + 2] = [parts[best] + parts[best + 1]]
+        return [self.ranks[part] for part in parts]
+
+
+# GPT-2's pre-split needs Unicode classes (\p{L} letters, \p{N} numbers) that Python's `re`
+# lacks. So we run the same pattern on a stand-in string of the same length, in which every
+# non-ASCII character is replaced by an ASCII one of its class: letters by "a", numbers by
+# "0", whitespace by "\t" (not " ": the pattern treats the plain space specially), anything
+# else by "#". The chunk boundaries are then exactly those of the original text.
+_SPLIT_ASCII = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+""", re.ASCII)
+
+
+def _ascii_stand_in(ch):
+    if ch < "\x80":
+        return ch
+    category = unicodedata.category(ch)
+    if category[0] in "LN":
+        return "a" if category[0] == "L" else "0"
+    # Unicode's White_Space beyond ASCII: the space separators, line/paragraph separators, NEL
+    return "\t" if category in ("Zs", "Zl", "Zp") or ch == "\x85" else "#"
+
+
+def gpt2_split(text):
+    stand_in = "".join(map(_ascii_stand_in, text))
+    return [text[m.start():m.end()] for m in _SPLIT_ASCII.finditer(stand_in)]
+
+
+# ---- reading the file --------------------------------------------------------------------------
+
+class Model:
+    """The numbers of one model: its config, its tokenizer and its weights (name -> array)."""
+
+    def __init__(self, config, tokenizer, weights):
+        self.config, self.tokenizer, self.weights = config, tokenizer, weights
+        if config.arch == "llama":  # rotary angles: position * frequency, per half-dimension
+            half = config.head_size // 2
+            inv_freq = 1.0 / (config.rope_theta ** (np.arange(half, dtype=np.float32) / half))
+            angles = np.outer(np.arange(config.block_size, dtype=np.float32), inv_freq)
+            self.rope_cos, self.rope_sin = np.cos(angles), np.sin(angles)
+
+
+def load_model(path):
+    if not os.path.isfile(path):
+        raise BadInput(f"no model file at {path} (write one with: python export.py --out_dir=out)")
+    size = os.path.getsize(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+    if size < HEADER.size or bytes(data[:8]) != MAGIC:
+        raise BadInput(f"{path} is not a model file (it does not start with {MAGIC.decode()}; see export.py)")
+    position = 0
+
+    def read(fmt):  # the next little-endian values, never past the end of the file
+        nonlocal position
+        if position + struct.calcsize(fmt) > size:
+            raise BadInput(f"{path} is truncated (it ends inside the tokenizer)")
+        values = struct.unpack_from(fmt, data, position)
+        position += struct.calcsize(fmt)
+        return values
+
+    _, version, arch, *sizes, norm_eps, rope_theta = read(HEADER.format)
+    if version != VERSION:
+        raise BadInput(f"{path} has format version {version}; this run.py reads version {VERSION}")
+    if arch >= len(ARCHS) or min(sizes) == 0 or sizes[4] % sizes[3]:
+        raise BadInput(f"{path} is corrupt (impossible model sizes in its header)")
+    config = Config(ARCHS[arch], *sizes, norm_eps, rope_theta)
+
+    kind, eot_id, pattern_length = read("<IiI")
+    pattern = read(f"<{pattern_length}s")[0].decode("utf-8", "replace")
+    (n_tokens,) = read("<I")
+    token_bytes = [read(f"<{read('<I')[0]}s")[0] for _ in range(n_tokens)]
+    if kind >= len(TOKENIZER_KINDS) or n_tokens != config.vocab_size or not -1 <= eot_id < n_tokens:
+        raise BadInput(f"{path} is corrupt (its tokenizer does not fit the model)")
+    if kind > 0 and pattern != GPT2_SPLIT_PATTERN:
+        raise BadInput(f"{path} uses a split pattern other than GPT-2's, the only one run.py knows")
+    tokenizer = Tokenizer(TOKENIZER_KINDS[kind], token_bytes, eot_id if eot_id >= 0 else None)
+
+    position = (position + 63) // 64 * 64  # the weights start 64-byte aligned
+    layout = weight_layout(config)
+    expected = position + 4 * sum(math.prod(shape) for _, shape in layout)
+    if size != expected:
+        raise BadInput(f"{path} has {size:,} bytes but its header promises {expected:,} (truncated or corrupt)")
+    weights = {}
+    for name, shape in layout:  # views into the memory-mapped file, not copies
+        count = math.prod(shape)
+        weights[name] = np.frombuffer(data, dtype="<f4", count=count, offset=position).reshape(shape)
+        position += 4 * count
+    return Model(config, tokenizer, weights)
+
+
+# ---- the forward pass ---------------------------------------------------------------------------
+# Every array is float32, as in torch. (Python numbers keep it so; numpy's float64 would not.)
+
+def linear(model, name, x):
+    y = x @ model.weights[name + ".weight"].T
+    bias = model.weights.get(name + ".bias")
+    return y if bias is None else y + bias
+
+
+def norm(model, name, x):
+    eps, weight = model.config.norm_eps, model.weights[name + ".weight"]
+    if model.config.arch == "gpt2":  # LayerNorm: zero mean, unit variance, then scale and shift
+        mean = x.mean(-1, keepdims=True)
+        variance = ((x - mean) ** 2).mean(-1, keepdims=True)
+        return (x - mean) / np.sqrt(variance + eps) * weight + model.weights[name + ".bias"]
+    # RMSNorm: unit root-mean-square, then scale (no mean, no bias)
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight
+
+
+def softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))  # minus the max: same result, no overflow
+    return e / e.sum(-1, keepdims=True)
+
+
+def rotate(x, cos, sin):
+    """RoPE: turn each pair (x[i], x[i + half]) by its position's angle."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
+class KVCache:
+    """Keys and values of every position so far, per layer: each new token then computes only its own."""
+
+    def __init__(self, config):
+        shape = (config.n_layer, config.n_head, config.block_size, config.head_size)
+        self.keys, self.values = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        self.length = 0
+
+
+def attention(model, b, layer, x, cache, start):
+    c = model.config
+    T = len(x)
+    q, k, v = np.split(linear(model, b + "attn.c_attn", x), 3, axis=-1)
+    # (T, C) -> (n_head, T, head_size): each head attends on its own slice of the vector
+    q, k, v = (t.reshape(T, c.n_head, c.head_size).transpose(1, 0, 2) for t in (q, k, v))
+    if c.arch == "llama":
+        cos, sin = model.rope_cos[start:start + T], model.rope_sin[start:start + T]
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    cache.keys[layer, :, start:start + T], cache.values[layer, :, start:start + T] = k, v
+    k, v = cache.keys[layer, :, :start + T], cache.values[layer, :, :start + T]
+    scores = q @ k.transpose(0, 2, 1) / math.sqrt(c.head_size)  # (n_head, T, start + T)
+    # query i sits at position start + i and may only look at keys up to there
+    future = np.arange(start + T)[None, :] > np.arange(start, start + T)[:, None]
+    y = softmax(np.where(future, -np.inf, scores)) @ v
+    return linear(model, b + "attn.c_proj", y.transpose(1, 0, 2).reshape(T, c.n_embd))
+
+
+def mlp(model, b, x):
+    if model.config.arch == "gpt2":  # GELU, GPT-2's tanh approximation
+        h = linear(model, b + "mlp.c_fc", x)
+        h = 0.5 * h * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h ** 3)))
+    else:  # SwiGLU: silu(x W1) * (x W3), where silu(a) = a * sigmoid(a)
+        gate = linear(model, b + "mlp.w1", x)
+        h = gate / (1.0 + np.exp(-gate)) * linear(model, b + "mlp.w3", x)
+    return linear(model, b + "mlp.c_proj", h)
+
+
+def forward(model, ids, cache):
+    """Token ids that continue where the cache ends -> logits (len(ids), vocab_size)."""
+    c, w, start = model.config, model.weights, cache.length
+    x = w["wte.weight"][ids]  # one row of the embedding per token
+    if c.arch == "gpt2":
+        x = x + w["wpe.weight"][start:start + len(ids)]
+    for layer in range(c.n_layer):  # pre-norm residual blocks
+        b = f"blocks.{layer}."
+        x = x + attention(model, b, layer, norm(model, b + "ln_1", x), cache, start)
+        x = x + mlp(model, b, norm(model, b + "ln_2", x))
+    cache.length += len(ids)
+    return norm(model, "ln_f", x) @ w["wte.weight"].T  # score every token by its embedding (tied)
+
+
+def logits_of(model, ids):
+    """Logits at every position of a sequence (at most block_size ids), from an empty cache."""
+    return forward(model, list(ids), KVCache(model.config))
+
+
+# ---- generation --------------------------------------------------------------------------------
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, rng=None):
+    """One id from a vector of logits: greedy at temperature 0, else drawn like model/gpt.py's."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    logits = logits.astype(np.float32) / max(temperature, 1e-8)
+    if top_k and 0 < top_k < len(logits):  # keep the k largest (and any tied with the k-th)
+        logits = np.where(logits < np.sort(logits)[-top_k], -np.inf, logits)
+    if top_p is not None and 0.0 < top_p < 1.0:  # keep the smallest set reaching probability top_p
+        order = np.argsort(-logits, kind="stable")
+        probs = softmax(logits[order])
+        logits[order[np.cumsum(probs) - probs >= top_p]] = -np.inf
+    cumulative = np.cumsum(softmax(logits).astype(np.float64))
+    rng = rng or np.random.default_rng()
+    return min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")), len(logits) - 1)
+
+
+def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, rng=None, eos_id=None):
+    """Yield new token ids one at a time. As in model/gpt.py: the prompt is cropped to the
+    context, and once the cache is full it restarts from the last block_size // 2 tokens."""
+    block_size = model.config.block_size
+    tokens = [int(i) for i in prompt_ids][-block_size:]
+    if not tokens:
+        raise ValueError("generate needs at least one prompt token")
+    cache = KVCache(model.config)
+    logits = forward(model, tokens, cache)
+    for _ in range(max_new_tokens):
+        next_id = sample_next_token(logits[-1], temperature, top_k, top_p, rng)
+        yield next_id
+        if next_id == eos_id:
+            return
+        tokens.append(next_id)
+        if cache.length < block_size:
+            logits = forward(model, [next_id], cache)
+        else:
+            cache.length = 0
+            logits = forward(model, tokens[-(block_size // 2):], cache)
+
+
+# ---- the command line ----------------------------------------------------------------------------
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2, like every script here
+        raise BadInput(message)
+
+
+def read_prompt(prompt, tokenizer):
+    """As sample.py: text or FILE:path; '' starts a fresh document (end-of-text, or a newline)."""
+    if prompt.startswith("FILE:"):
+        try:
+            with open(prompt[5:], encoding="utf-8") as f:
+                prompt = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise BadInput(f"cannot read prompt file {prompt[5:]}: {getattr(e, 'strerror', None) or e}") from None
+    if not prompt and tokenizer.eot_id is not None:
+        return [tokenizer.eot_id], ""
+    prompt = prompt or "\n"
+    return tokenizer.encode(prompt), prompt
+
+
+def main(argv=None):
+    parser = ArgumentParser(description="Generate text from a model.bin with numpy alone.")
+    parser.add_argument("model", nargs="?", default="out/model.bin", help="file written by export.py")
+    parser.add_argument("--prompt", default="", help="text to continue, or FILE:path")
+    parser.add_argument("--max_new_tokens", type=int, default=500)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top_k", type=int, default=0, help="0 = all tokens")
+    parser.add_argument("--top_p", type=float, default=1.0, help="1 = all tokens")
+    parser.add_argument("--seed", type=int, default=1337)
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or not 0.0 < args.top_p <= 1.0:
+        raise BadInput("need --max_new_tokens >= 0, --temperature >= 0, --top_k >= 0 and --top_p in (0, 1]")
+    model = load_model(args.model)
+    tokenizer = model.tokenizer
+    prompt_ids, prompt_text = read_prompt(args.prompt, tokenizer)
+    sys.stdout.write(prompt_text)
+    # a token can end inside a UTF-8 character; the incremental decoder waits for the rest
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    started, count = time.time(), 0
+    for token_id in generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k or None,
+                             args.top_p, np.random.default_rng(args.seed), eos_id=tokenizer.eot_id):
+        count += 1
+        if token_id == tokenizer.eot_id:
+            break
+        sys.stdout.write(decoder.decode(tokenizer.token_bytes[token_id]))
+        sys.stdout.flush()
+    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    seconds = time.time() - started
+    print(f"[{count} tokens in {seconds:.2f} s, {count / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)

@@ -135,16 +135,12 @@ def gpt2_split(text):
 
 # ---- reading the file --------------------------------------------------------------------------
 
+@dataclass
 class Model:
     """The numbers of one model: its config, its tokenizer and its weights (name -> array)."""
-
-    def __init__(self, config, tokenizer, weights):
-        self.config, self.tokenizer, self.weights = config, tokenizer, weights
-        if config.arch == "llama":  # rotary angles: position * frequency, per half-dimension
-            half = config.head_size // 2
-            inv_freq = 1.0 / (config.rope_theta ** (np.arange(half, dtype=np.float32) / half))
-            angles = np.outer(np.arange(config.block_size, dtype=np.float32), inv_freq)
-            self.rope_cos, self.rope_sin = np.cos(angles), np.sin(angles)
+    config: Config
+    tokenizer: "Tokenizer"
+    weights: dict
 
 
 def load_model(path):
@@ -240,9 +236,11 @@ def attention(model, b, layer, x, cache, start):
     q, k, v = np.split(linear(model, b + "attn.c_attn", x), 3, axis=-1)
     # (T, C) -> (n_head, T, head_size): each head attends on its own slice of the vector
     q, k, v = (t.reshape(T, c.n_head, c.head_size).transpose(1, 0, 2) for t in (q, k, v))
-    if c.arch == "llama":
-        cos, sin = model.rope_cos[start:start + T], model.rope_sin[start:start + T]
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    if c.arch == "llama":  # RoPE: rotate by angle position * frequency, one frequency per pair
+        half = c.head_size // 2
+        frequencies = 1.0 / (c.rope_theta ** (np.arange(half, dtype=np.float32) / half))
+        angles = np.outer(np.arange(start, start + T, dtype=np.float32), frequencies)
+        q, k = rotate(q, np.cos(angles), np.sin(angles)), rotate(k, np.cos(angles), np.sin(angles))
     cache.keys[layer, :, start:start + T], cache.values[layer, :, start:start + T] = k, v
     k, v = cache.keys[layer, :, :start + T], cache.values[layer, :, :start + T]
     scores = q @ k.transpose(0, 2, 1) / math.sqrt(c.head_size)  # (n_head, T, start + T)
@@ -256,9 +254,9 @@ def mlp(model, b, x):
     if model.config.arch == "gpt2":  # GELU, GPT-2's tanh approximation
         h = linear(model, b + "mlp.c_fc", x)
         h = 0.5 * h * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h ** 3)))
-    else:  # SwiGLU: silu(x W1) * (x W3), where silu(a) = a * sigmoid(a)
+    else:  # SwiGLU: silu(x W1) * (x W3), silu(a) = a * sigmoid(a), sigmoid(a) = (1 + tanh(a/2)) / 2
         gate = linear(model, b + "mlp.w1", x)
-        h = gate / (1.0 + np.exp(-gate)) * linear(model, b + "mlp.w3", x)
+        h = gate * 0.5 * (1.0 + np.tanh(0.5 * gate)) * linear(model, b + "mlp.w3", x)
     return linear(model, b + "mlp.c_proj", h)
 
 
@@ -283,19 +281,27 @@ def logits_of(model, ids):
 
 # ---- generation --------------------------------------------------------------------------------
 
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, rng=None):
-    """One id from a vector of logits: greedy at temperature 0, else drawn like model/gpt.py's."""
-    if temperature == 0:
-        return int(np.argmax(logits))
+def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
+    """As in model/gpt.py: logits / temperature, then -inf for every token outside the top_k
+    and outside the smallest set whose probability reaches top_p."""
     logits = logits.astype(np.float32) / max(temperature, 1e-8)
-    if top_k and 0 < top_k < len(logits):  # keep the k largest (and any tied with the k-th)
+    if top_k is not None and 0 < top_k < len(logits):  # ties with the k-th value stay in
         logits = np.where(logits < np.sort(logits)[-top_k], -np.inf, logits)
-    if top_p is not None and 0.0 < top_p < 1.0:  # keep the smallest set reaching probability top_p
+    if top_p is not None and 0.0 < top_p < 1.0:
         order = np.argsort(-logits, kind="stable")
         probs = softmax(logits[order])
+        # drop a token when the tokens ranked before it already reach top_p (the first stays)
         logits[order[np.cumsum(probs) - probs >= top_p]] = -np.inf
-    cumulative = np.cumsum(softmax(logits).astype(np.float64))
+    return logits
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, rng=None):
+    """One id from a vector of logits; temperature 0 means greedy (the argmax)."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    cumulative = np.cumsum(softmax(filter_logits(logits, temperature, top_k, top_p)).astype(np.float64))
     rng = rng or np.random.default_rng()
+    # the first id whose cumulative probability passes a uniform draw (ids of probability 0 never do)
     return min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")), len(logits) - 1)
 
 
@@ -343,20 +349,25 @@ def read_prompt(prompt, tokenizer):
 
 
 def main(argv=None):
-    parser = ArgumentParser(description="Generate text from a model.bin with numpy alone.")
+    parser = ArgumentParser(description="Generate text from a model.bin with numpy alone.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("model", nargs="?", default="out/model.bin", help="file written by export.py")
     parser.add_argument("--prompt", default="", help="text to continue, or FILE:path")
-    parser.add_argument("--max_new_tokens", type=int, default=500)
+    parser.add_argument("--max_new_tokens", type=int, default=500, help="tokens to generate")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--top_k", type=int, default=0, help="0 = all tokens")
     parser.add_argument("--top_p", type=float, default=1.0, help="1 = all tokens")
-    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--seed", type=int, default=1337, help="same seed, same text")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or not 0.0 < args.top_p <= 1.0:
         raise BadInput("need --max_new_tokens >= 0, --temperature >= 0, --top_k >= 0 and --top_p in (0, 1]")
     model = load_model(args.model)
     tokenizer = model.tokenizer
     prompt_ids, prompt_text = read_prompt(args.prompt, tokenizer)
+    n_params, block_size = sum(w.size for w in model.weights.values()), model.config.block_size
+    print(f"model: {model.config.arch}, {n_params:,} parameters, {tokenizer.kind} tokenizer; prompt: "
+          f"{len(prompt_ids)} tokens" + (f" (cropped to the last {block_size})" if len(prompt_ids) > block_size else ""),
+          file=sys.stderr)
     sys.stdout.write(prompt_text)
     # a token can end inside a UTF-8 character; the incremental decoder waits for the rest
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -124,6 +124,31 @@ def ensure_dataset(cfg, is_master):
         return data_dir, json.load(f)
 
 
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for model FLOPs utilisation.
+GPU_PEAK_BF16_FLOPS = {"H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
+                       "A100": 312e12, "A10G": 70e12, "L40S": 362e12, "L4": 121e12}
+
+
+def gpu_peak_flops(device):
+    """(name, peak FLOP/s) of this GPU when it is one we know, else (name, None)."""
+    if not device.startswith("cuda"):
+        return None, None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in GPU_PEAK_BF16_FLOPS.items():  # most specific names first
+        if key in name:
+            return name, flops
+    return name, None
+
+
+def peak_memory_mb(device):
+    """Most memory this process has held: GPU memory on CUDA, resident RAM otherwise."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def unigram_entropy(data_dir, meta, max_tokens=50_000_000):
     """Entropy (nats/token) of the token frequencies: the loss of a model that ignores context."""
     tokens = np.memmap(os.path.join(data_dir, "train.bin"), dtype=meta["dtype"], mode="r")[:max_tokens]
@@ -247,6 +272,11 @@ def train(cfg, checkpoint=None):
     say(f"reference points: uniform guess ln({vocab}) = {math.log(vocab):.3f} nats; "
         f"unigram entropy of the data = {unigram_entropy(data_dir, meta):.3f} nats/token")
     bytes_per_token = meta["val_bytes"] / meta["val_tokens"]
+    gpu_name, peak_flops = gpu_peak_flops(device)
+    flops_per_token = raw_model.flops_per_token(cfg.block_size)
+    if peak_flops:
+        say(f"MFU is measured against {gpu_name}'s dense bf16 peak of {peak_flops / 1e12:.0f} TFLOP/s "
+            f"({flops_per_token / 1e6:.0f} MFLOP per token)")
 
     log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if is_master else None
 
@@ -308,7 +338,7 @@ def train(cfg, checkpoint=None):
                     draw_loss_plot(cfg.out_dir)
                 if step > start_step or step == cfg.max_iters:
                     save()
-            timer = time.time()  # evaluation time is not training time
+            timer, tokens_since = time.time(), 0  # evaluation time is not training time
         if step >= cfg.max_iters:
             break
 
@@ -347,9 +377,13 @@ def train(cfg, checkpoint=None):
                                 f"checkpoint in {cfg.out_dir} is kept. Try a lower --learning_rate")
             tokens_per_s = tokens_since / max(time.time() - timer, 1e-9)
             timer, tokens_since = time.time(), 0
-            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-            log({"step": step, "tokens": step * tokens_per_step, "loss": loss_value, "lr": lr,
-                 "tokens_per_s": tokens_per_s})
+            record = {"step": step, "tokens": step * tokens_per_step, "loss": loss_value, "lr": lr,
+                      "tokens_per_s": tokens_per_s, "peak_memory_mb": round(peak_memory_mb(device), 1)}
+            if peak_flops:  # model FLOPs utilisation: how much of the GPU's peak the model's math uses
+                record["mfu"] = tokens_per_s * flops_per_token / (peak_flops * world_size)
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                                 **({"mfu": f"{record['mfu']:.1%}"} if peak_flops else {}))
+            log(record)
         if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0:
             save()
         if stop_agreed(stop_requested, distributed, step % cfg.log_interval == 0, device):

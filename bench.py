@@ -1,0 +1,216 @@
+"""Measured speed, side by side, in one run on this machine.
+
+    python bench.py                       # everything, printed as one table
+    python bench.py --json                # the same figures as JSON
+    python bench.py --sections=generate   # only some: train, generate, runpy, tokenizer
+    python bench.py --train_config=configs/gpt2_124m.toml --compile_too   # a GPU training figure
+
+What it measures:
+  train      tokens/s and peak memory of the real training loop (train.py in a subprocess) for
+             named model shapes; with --compile_too also under torch.compile
+  generate   tokens/s of sample.py's generation (model.generate) with and without the KV cache,
+             at a context of 256 and of 1024, for a 6-layer, 384-wide model
+  runpy      tokens/s of run.py (numpy only) on the same model and prompt as sample.py's
+  tokenizer  time to train a 4096-token BPE on the default corpus, and encoding throughput
+Every figure is the median of several repeats after a warm-up; ratios compare figures from
+this same run, never numbers from elsewhere.
+"""
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from model.cli import UserError, field, main_guard, parse_config, resolve_device
+from model.gpt import GPT, GPTConfig
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+USAGE = "usage: python bench.py [--sections=train,generate,runpy,tokenizer] [--json] [--field=value ...]"
+
+# The training shapes of the CPU benchmark: the Shakespeare CPU recipe's model, and the
+# well-known GPU recipe's model at a short batch.
+TRAIN_SHAPES = {
+    "4x128 ctx64 b12": ["--n_layer=4", "--n_head=4", "--n_embd=128", "--block_size=64", "--batch_size=12"],
+    "6x384 ctx256 b8": ["--n_layer=6", "--n_head=6", "--n_embd=384", "--block_size=256", "--batch_size=8"],
+}
+
+
+@dataclass
+class BenchConfig:
+    sections: str = field("train,generate,runpy,tokenizer", "comma-separated sections to run")
+    device: str = field("auto", "auto | cpu | cuda | mps")
+    repeats: int = field(3, "timed repeats per figure (the median is reported)")
+    train_steps: int = field(30, "training steps per measurement (the first few are warm-up)")
+    train_config: str = field("", "a preset to measure instead of the CPU shapes, e.g. configs/gpt2_124m.toml")
+    dataset: str = field("pystdlib", "prepared data set the training figures read")
+    compile_too: bool = field(False, "also measure training under torch.compile")
+    new_tokens: int = field(500, "tokens generated per repeat at context 256 (context 1024 uses a fifth)")
+    json: bool = field(False, "print the figures as JSON instead of a table")
+
+
+def median_time(function, repeats, warmup=1):
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def bench_train(cfg, device, rows):
+    shapes = {os.path.basename(cfg.train_config): [cfg.train_config]} if cfg.train_config else TRAIN_SHAPES
+    warmup = min(5, cfg.train_steps // 3)
+    for name, shape in shapes.items():
+        for compiled in ([False, True] if cfg.compile_too else [False]):
+            with tempfile.TemporaryDirectory() as out_dir:
+                command = [sys.executable, "train.py", *shape, f"--dataset={cfg.dataset}", f"--out_dir={out_dir}",
+                           f"--max_iters={cfg.train_steps}", "--eval_interval=1000000000", "--eval_iters=1",
+                           "--log_interval=1", "--sample_tokens=0", "--plot=false", f"--device={device}",
+                           f"--compile={compiled}"]
+                result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+                if result.returncode != 0:
+                    raise UserError(f"training benchmark failed: {result.stderr.strip().splitlines()[-1]}")
+                with open(os.path.join(out_dir, "log.jsonl")) as f:
+                    records = [json.loads(line) for line in f]
+            steps = [r for r in records if "tokens_per_s" in r][warmup:]
+            setting = f"{name}{', compiled' if compiled else ''}"
+            rows.append(("train tokens/s", setting, statistics.median(r["tokens_per_s"] for r in steps), "tok/s"))
+            rows.append(("train peak memory", setting, steps[-1]["peak_memory_mb"], "MiB"))
+            if "mfu" in steps[-1]:
+                rows.append(("train MFU", setting, 100 * statistics.median(r["mfu"] for r in steps), "%"))
+
+
+def generation_model(block_size, device):
+    torch.manual_seed(0)
+    config = GPTConfig(arch="gpt2", vocab_size=4096, block_size=block_size, n_layer=6, n_head=6, n_embd=384)
+    return GPT(config).to(device).eval()
+
+
+def bench_generate(cfg, device, rows, results):
+    for context in (256, 1024):
+        model = generation_model(context, device)
+        new_tokens = cfg.new_tokens if context == 256 else max(1, cfg.new_tokens // 5)
+        prompt = torch.randint(0, 4096, (context // 2,), generator=torch.Generator().manual_seed(1)).tolist()
+        speeds = {}
+        for use_cache in (True, False):
+            def run_once():
+                generator = torch.Generator(device=device).manual_seed(0)
+                for _ in model.generate(prompt, new_tokens, temperature=1.0, generator=generator,
+                                        use_kv_cache=use_cache):
+                    pass
+            seconds = median_time(run_once, cfg.repeats)
+            speeds[use_cache] = new_tokens / seconds
+            label = "with KV cache" if use_cache else "recomputing the context"
+            rows.append(("sample.py generation", f"ctx {context}, {new_tokens} new, {label}", speeds[use_cache], "tok/s"))
+        rows.append(("KV cache speed-up", f"ctx {context}", speeds[True] / speeds[False], "x"))
+        results[context] = (model, prompt, new_tokens, speeds[True])
+
+
+def bench_runpy(cfg, rows, results):
+    """run.py on the same weights and prompt as sample.py's context-256 figure."""
+    import export
+    import run
+
+    model, prompt, new_tokens, torch_speed = results[256]
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "model.bin")
+        export.export_model(model.cpu(), bench_tokenizer(), path)
+        numpy_model = run.load_model(path)
+
+        def run_once():
+            for _ in run.generate(numpy_model, prompt, new_tokens, temperature=1.0, seed=0):
+                pass
+        seconds = median_time(run_once, cfg.repeats)
+    speed = new_tokens / seconds
+    rows.append(("run.py generation (numpy)", f"ctx 256, {new_tokens} new, KV cache", speed, "tok/s"))
+    rows.append(("run.py vs sample.py", "ctx 256", speed / torch_speed, "x"))
+
+
+def bench_tokenizer():
+    """A 4096-id tokenizer to export with the generation model (run.py needs one in the file)."""
+    from model.tokenizer import BytePairTokenizer
+
+    ranks = {bytes([i]): i for i in range(256)}
+    for i in range(256, 4095):  # any distinct byte strings will do for timing
+        ranks[b"t%d" % i] = i
+    return BytePairTokenizer("bpe", ranks)
+
+
+def bench_bpe(cfg, rows):
+    from data.prepare import STDLIB, read_documents
+    from model.tokenizer import train_bpe
+
+    documents, _ = read_documents(STDLIB, "data", "train", "text", 0)
+    megabytes = sum(len(d.encode("utf-8")) for d in documents) / 1e6
+    tokenizer = None
+
+    def train_once():
+        nonlocal tokenizer
+        tokenizer = train_bpe(documents, 4096)
+    rows.append(("BPE training", f"4096 ids on the stdlib corpus ({megabytes:.1f} MB)",
+                 median_time(train_once, cfg.repeats, warmup=0), "s"))
+    seconds = median_time(lambda: tokenizer.encode_batch(documents), cfg.repeats)
+    rows.append(("BPE encoding", "encode_batch, the same corpus", megabytes / seconds, "MB/s"))
+
+
+def machine_description(device):
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.system()}"
+    if device.startswith("cuda"):
+        text += f", GPU {torch.cuda.get_device_name(device)}"
+    return text + f"; device {device}"
+
+
+def print_table(rows, machine):
+    print(f"machine: {machine}")
+    widths = [max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)]
+    print(f"{'measurement':<{widths[0]}}  {'setting':<{widths[1]}}  {'value':>12}  unit")
+    for what, setting, value, unit in rows:
+        shown = f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
+        print(f"{what:<{widths[0]}}  {setting:<{widths[1]}}  {shown:>12}  {unit}")
+
+
+def main():
+    cfg = parse_config(BenchConfig, sys.argv[1:], USAGE)
+    sections = [s.strip() for s in cfg.sections.split(",") if s.strip()]
+    unknown = set(sections) - {"train", "generate", "runpy", "tokenizer"}
+    if unknown:
+        raise UserError(f"unknown section(s) {', '.join(sorted(unknown))}: use train, generate, runpy, tokenizer")
+    if cfg.repeats < 1 or cfg.train_steps < 3 or cfg.new_tokens < 1:
+        raise UserError("--repeats and --new_tokens must be at least 1, --train_steps at least 3")
+    device = resolve_device(cfg.device)
+    rows, results = [], {}
+    if "train" in sections:
+        bench_train(cfg, device, rows)
+    if "generate" in sections or "runpy" in sections:
+        bench_generate(cfg, device, rows, results)
+    if "runpy" in sections:
+        bench_runpy(cfg, rows, results)
+    if "tokenizer" in sections:
+        bench_bpe(cfg, rows)
+    machine = machine_description(device)
+    if cfg.json:
+        print(json.dumps({"machine": machine, "config": dataclasses.asdict(cfg),
+                          "figures": [dict(zip(("measurement", "setting", "value", "unit"), r)) for r in rows]},
+                         indent=2))
+    else:
+        print_table(rows, machine)
+
+
+if __name__ == "__main__":
+    main_guard(main)

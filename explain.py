@@ -96,7 +96,10 @@ def read_prompt(prompt, tokenizer):
         return tokenizer.encode(prompt)
     if tokenizer.eot_id is not None:
         return [tokenizer.eot_id]
-    return tokenizer.encode("\n")
+    try:
+        return tokenizer.encode("\n")  # a character model starts a document at a line break
+    except UserError:
+        raise UserError("this model has no start-of-document token: give a --prompt=TEXT") from None
 
 
 # ---- one forward pass, keeping the insides --------------------------------------------------
@@ -106,9 +109,9 @@ def forward_with_internals(model, ids, attention=False, residuals=False):
     """Run the model over one sequence and keep what explain shows.
 
     Returns (logits (T, vocab), attention weights (n_layer, n_head, T, T) or None, residual
-    stream (n_layer + 1, T, n_embd) or None). The residual stream is the embedding that enters
-    the first block, then the output of every block: what each layer adds to is kept, so we
-    can ask the output head what it would make of it (the logit lens)."""
+    stream (n_layer + 1, T, n_embd) or None). The residual stream is the vector each position
+    carries from layer to layer: the embedding entering the first block, then the output of
+    every block (each block adds its attention and MLP results to it)."""
     stream = []
     hooks = []
     if residuals:
@@ -236,8 +239,8 @@ def nearest_embeddings(model, tokenizer, ids, top):
         scores = unit @ unit[token_id]
         scores[token_id] = -math.inf  # a token is always its own nearest neighbour
         values, indices = scores.topk(min(top, table.size(0) - 1))
-        result.append({"token": token_info(tokenizer, token_id),
-                       "neighbors": [{**token_info(tokenizer, j), "cosine": float(s)} for s, j in zip(values, indices)]})
+        neighbors = [{**token_info(tokenizer, j), "cosine": float(s)} for s, j in zip(values, indices)]
+        result.append({"token": token_info(tokenizer, token_id), "neighbors": neighbors})
     return result
 
 
@@ -246,16 +249,21 @@ def logit_lens(model, tokenizer, ids, residuals, top=3):
     """Decode the residual stream after every layer as if it were the last: final norm, then the
     output head. The last row is exactly the model's prediction; earlier rows show when the
     answer appears."""
-    logits = model.lm_head(model.ln_f(residuals))[..., :model.config.vocab_size].float()
-    probs = logits.softmax(-1)
-    values, indices = probs.topk(min(top, probs.size(-1)), dim=-1)  # (layers, T, top)
+    values, indices = [], []
+    for residual in residuals:  # one layer at a time: all of them at once can be gigabytes of logits
+        probs = model.lm_head(model.ln_f(residual))[..., :model.config.vocab_size].float().softmax(-1)
+        best = probs.topk(min(top, probs.size(-1)), dim=-1)
+        values.append(best.values)
+        indices.append(best.indices)
+    values, indices = torch.stack(values), torch.stack(indices)  # (layers, T, top)
     names = ["embedding"] + [f"block {i}" for i in range(len(model.blocks))]
     positions = []
     for t, token_id in enumerate(ids):
         positions.append({
             "position": t, "token": token_info(tokenizer, token_id),
             "next": token_info(tokenizer, ids[t + 1]) if t + 1 < len(ids) else None,
-            "layers": [[{**token_info(tokenizer, j), "prob": float(p)} for p, j in zip(values[layer, t], indices[layer, t])]
+            "layers": [[{**token_info(tokenizer, j), "prob": float(p)} for p, j in zip(values[layer, t],
+                                                                                       indices[layer, t])]
                        for layer in range(len(names))]})
     return {"layers": names, "positions": positions}
 
@@ -359,14 +367,15 @@ def print_tokens(doc):
 
 def print_prompt_table(doc, top):
     positions = doc["positions"]
-    width = min(16, max(len(show(t["text"])) for p in positions for t in [p["token"], *p["top"]]))
+    width = min(12, max(len(show(t["text"])) for p in positions for t in [p["token"], *p["top"]]))
     candidates_header = f"top {top} candidates for the next token"
     candidates_width = max(len(candidates_header), top * (width + 8))
     print(f"\n{'pos':>4}  {'token':<{max(width, 5)}}  {candidates_header:<{candidates_width}}  "
           f"{'actual next':<{max(width, 11)}} {'prob':>7} {'rank':>5} {'loss':>6}")
     for entry in positions:
         candidates = " ".join(f"{show(c['text'], width):<{width}} {prob_text(c['prob']):<6}" for c in entry["top"])
-        row = f"{entry['position']:>4}  {show(entry['token']['text'], width):<{max(width, 5)}}  {candidates:<{candidates_width}}  "
+        token = show(entry["token"]["text"], width)
+        row = f"{entry['position']:>4}  {token:<{max(width, 5)}}  {candidates:<{candidates_width}}  "
         nxt = entry["next"]
         if nxt:
             row += (f"{show(nxt['text'], width):<{max(width, 11)}} {prob_text(nxt['prob']):>7} {nxt['rank']:>5} "
@@ -476,7 +485,8 @@ def explain(cfg):
     config = model.config
     for name, value, limit in (("layer", cfg.layer, config.n_layer), ("head", cfg.head, config.n_head)):
         if not -1 <= value < limit:
-            raise UserError(f"--{name}={value} is out of range: this model has {limit} {name}s (0..{limit - 1}, or -1 for all)")
+            raise UserError(f"--{name}={value} is out of range: this model has {limit} {name}s "
+                            f"(0..{limit - 1}, or -1 for all)")
 
     doc = {"checkpoint": {"path": cfg.out_dir, "step": checkpoint["step"], "arch": config.arch,
                           "parameters": model.num_params(), "n_layer": config.n_layer, "n_head": config.n_head,

@@ -146,10 +146,11 @@ class Model:
 def load_model(path):
     if not os.path.isfile(path):
         raise BadInput(f"no model file at {path} (write one with: python export.py --out_dir=out)")
-    size = os.path.getsize(path)
-    data = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
-    if size < HEADER.size or bytes(data[:8]) != MAGIC:
+    with open(path, "rb") as f:
+        magic, size = f.read(len(MAGIC)), os.fstat(f.fileno()).st_size
+    if magic != MAGIC or size < HEADER.size:
         raise BadInput(f"{path} is not a model file (it does not start with {MAGIC.decode()}; see export.py)")
+    data = np.memmap(path, dtype=np.uint8, mode="r")  # the file's bytes, read from disk as they are used
     position = 0
 
     def read(fmt):  # the next little-endian values, never past the end of the file
@@ -160,22 +161,31 @@ def load_model(path):
         position += struct.calcsize(fmt)
         return values
 
+    def read_string():  # a u32 byte count, then the bytes
+        return read(f"<{read('<I')[0]}s")[0]
+
     _, version, arch, *sizes, norm_eps, rope_theta = read(HEADER.format)
     if version != VERSION:
         raise BadInput(f"{path} has format version {version}; this run.py reads version {VERSION}")
-    if arch >= len(ARCHS) or min(sizes) == 0 or sizes[4] % sizes[3]:
-        raise BadInput(f"{path} is corrupt (impossible model sizes in its header)")
+    impossible = BadInput(f"{path} is corrupt (impossible model sizes in its header)")
+    if arch >= len(ARCHS) or min(sizes) == 0:
+        raise impossible
     config = Config(ARCHS[arch], *sizes, norm_eps, rope_theta)
+    if config.n_embd % config.n_head or (config.arch == "llama" and config.head_size % 2):
+        raise impossible
 
-    kind, eot_id, pattern_length = read("<IiI")
-    pattern = read(f"<{pattern_length}s")[0].decode("utf-8", "replace")
+    kind, eot_id = read("<Ii")
+    pattern = read_string().decode("utf-8", "replace")
     (n_tokens,) = read("<I")
-    token_bytes = [read(f"<{read('<I')[0]}s")[0] for _ in range(n_tokens)]
+    token_bytes = [read_string() for _ in range(n_tokens)]
     if kind >= len(TOKENIZER_KINDS) or n_tokens != config.vocab_size or not -1 <= eot_id < n_tokens:
         raise BadInput(f"{path} is corrupt (its tokenizer does not fit the model)")
     if kind > 0 and pattern != GPT2_SPLIT_PATTERN:
         raise BadInput(f"{path} uses a split pattern other than GPT-2's, the only one run.py knows")
-    tokenizer = Tokenizer(TOKENIZER_KINDS[kind], token_bytes, eot_id if eot_id >= 0 else None)
+    try:
+        tokenizer = Tokenizer(TOKENIZER_KINDS[kind], token_bytes, eot_id if eot_id >= 0 else None)
+    except UnicodeDecodeError:  # a char token that is not UTF-8
+        raise BadInput(f"{path} is corrupt (a character token is not UTF-8)") from None
 
     position = (position + 63) // 64 * 64  # the weights start 64-byte aligned
     layout = weight_layout(config)

@@ -422,11 +422,12 @@ def stop_agreed(stop_requested, distributed, at_log_step, device):
 
 def draw_loss_plot(out_dir):
     """Redraw loss.png from log.jsonl (skipped, with one note, when matplotlib is missing)."""
+    from plot import plot_log
+
     try:
-        from plot import plot_log
-    except ImportError:
-        return
-    plot_log(os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "loss.png"))
+        plot_log(os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "loss.png"))
+    except Exception as e:  # a picture is never worth stopping a training run for
+        print(f"note: could not draw {out_dir}/loss.png ({e})", file=sys.stderr)
 
 
 def main():

@@ -59,7 +59,8 @@ def help_text(config_class, usage):
     hints = typing.get_type_hints(config_class)
     for f in dataclasses.fields(config_class):
         kind = hints[f.name].__name__
-        lines.append(f"  --{f.name}={f.default!r:<14} ({kind}) {f.metadata.get('doc', '')}")
+        option = f"--{f.name}={f.default!r}"
+        lines.append(f"  {option:<32} {kind:<5}  {f.metadata.get('doc', '')}")
     return "\n".join(lines)
 
 

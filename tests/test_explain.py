@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import explain
 import plot
-from conftest import TINY_MODEL, assert_clean_error, learnable_corpus, run_script
+from conftest import TINY_MODEL, assert_clean_error, learnable_corpus
+from conftest import run_script as run_script_threaded
 from model.checkpoint import load_checkpoint, model_from_checkpoint
 from model.cli import UserError, parse_config
 from model.gpt import GPT, GPTConfig
@@ -19,6 +20,12 @@ from model.tokenizer import train_bpe
 
 PROMPT = "alpha bravo charlie delta"  # 25 characters: inside the tiny model's 32-token context
 GENERATION = ["--generate=6", "--temperature=0.9", "--top_k=4", "--top_p=0.8", "--seed=7"]
+
+
+def run_script(*args, env=None, **kwargs):
+    """conftest's run_script on one thread: tiny models gain nothing from more, and on a busy
+    machine threads waiting for each other make a run several times slower."""
+    return run_script_threaded(*args, env={"OMP_NUM_THREADS": "1", **(env or {})}, **kwargs)
 
 
 def png_size(path):

@@ -16,8 +16,8 @@ import torch
 import export
 import run
 from conftest import TINY_MODEL, assert_clean_error, learnable_corpus, run_script
-from model.checkpoint import load_checkpoint, model_from_checkpoint
 from model import gpt
+from model.checkpoint import load_checkpoint, model_from_checkpoint
 from model.gpt import filter_logits
 from model.tokenizer import GPT2_SPLIT_PATTERN
 

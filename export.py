@@ -41,7 +41,7 @@ def file_config(model):
                   model.ln_f.eps, c.rope_theta)
 
 
-def export(model, tokenizer, path):
+def export_model(model, tokenizer, path):
     """Write the model and its tokenizer to `path` atomically (temporary file, then rename)."""
     config = file_config(model)
     if tokenizer.vocab_size != config.vocab_size:
@@ -84,7 +84,7 @@ def main():
     if os.path.isdir(output):
         raise UserError(f"--output={output} is a folder; give a file name such as {os.path.join(output, 'model.bin')}")
     try:
-        export(model, tokenizer, output)
+        export_model(model, tokenizer, output)
     except OSError as e:
         raise UserError(f"cannot write {output}: {e.strerror}") from None
     n_params = sum(math.prod(shape) for _, shape in weight_layout(file_config(model)))

@@ -305,27 +305,27 @@ def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
     return logits
 
 
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, rng=None):
+def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
     """One id from a vector of logits; temperature 0 means greedy (the argmax)."""
     if temperature == 0:
         return int(np.argmax(logits))
     cumulative = np.cumsum(softmax(filter_logits(logits, temperature, top_k, top_p)).astype(np.float64))
-    rng = rng or np.random.default_rng()
     # the first id whose cumulative probability passes a uniform draw (ids of probability 0 never do)
     return min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")), len(logits) - 1)
 
 
-def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, rng=None, eos_id=None):
+def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, seed=None):
     """Yield new token ids one at a time. As in model/gpt.py: the prompt is cropped to the
     context, and once the cache is full it restarts from the last block_size // 2 tokens."""
     block_size = model.config.block_size
     tokens = [int(i) for i in prompt_ids][-block_size:]
     if not tokens:
         raise ValueError("generate needs at least one prompt token")
+    rng = np.random.default_rng(seed)  # numpy's generator: same seed, same text
     cache = KVCache(model.config)
     logits = forward(model, tokens, cache)
     for _ in range(max_new_tokens):
-        next_id = sample_next_token(logits[-1], temperature, top_k, top_p, rng)
+        next_id = sample_next_token(logits[-1], rng, temperature, top_k, top_p)
         yield next_id
         if next_id == eos_id:
             return
@@ -383,7 +383,7 @@ def main(argv=None):
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     started, count = time.time(), 0
     for token_id in generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k or None,
-                             args.top_p, np.random.default_rng(args.seed), eos_id=tokenizer.eot_id):
+                             args.top_p, eos_id=tokenizer.eot_id, seed=args.seed):
         count += 1
         if token_id == tokenizer.eot_id:
             break

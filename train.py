@@ -345,6 +345,7 @@ def train(cfg, checkpoint=None):
         lr = learning_rate_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        step_loss = torch.zeros((), device=device)  # mean over micro-batches, summed on the device: no sync
         for micro_step in range(cfg.grad_accum):
             x, y = train_loader.next_batch()
             # under DDP, all-reduce the gradients only after the last micro-batch
@@ -354,19 +355,20 @@ def train(cfg, checkpoint=None):
                 with autocast:
                     _, loss = model(x, y)
                 scaler.scale(loss / cfg.grad_accum).backward()
+            step_loss += loss.detach().float() / cfg.grad_accum
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        nonfinite_seen |= ~torch.isfinite(loss.detach())
+        nonfinite_seen |= ~torch.isfinite(step_loss)
         step += 1
         tokens_since += tokens_per_step
         progress.update(1)
 
         if step % cfg.log_interval == 0 or step == cfg.max_iters:
-            loss_value = loss.detach().float()
+            loss_value = step_loss
             if distributed:
                 torch.distributed.all_reduce(loss_value)
                 loss_value /= world_size

@@ -29,12 +29,9 @@ EXTRA_TEXT = "café naïve über 日本語の文章 😀👍 don't it's we'll 12
 PROMPTS = ["alpha bravo ", "don't stop, it's 2024!", "café naïve 日本語 😀", "  many   spaces\n\n\ttabs \n",
            "Ωmega ≈ ∑ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 العربية हिन्दी ١٢٣ ½ x²", "I'VE we'd you're '  'll  \u00a0nbsp\u3000ideo", ""]
 
-# Models this small run fastest on one thread each (threads would only wait on one another).
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
-
 @pytest.fixture
 def one_torch_thread():
+    """Models this small run fastest on one thread (run_script does the same for its processes)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -63,13 +60,13 @@ def models(tmp_path_factory):
         # one token). vocab_pad_multiple=64 (the default) pads the embedding: export drops those rows.
         run_script("train.py", *TINY_MODEL, f"--arch={arch}", f"--data_root={data_root}", f"--dataset=tiny_{kind}",
                    f"--out_dir={folders[case]}", "--max_iters=100", "--eval_interval=100", "--learning_rate=1e-2",
-                   "--plot=false", env=ONE_THREAD)
+                   "--plot=false")
 
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(train, CASES))
     for folder in folders.values():
         model, tokenizer = model_from_checkpoint(load_checkpoint(str(folder)))
-        export.export(model, tokenizer, str(folder / "model.bin"))
+        export.export_model(model, tokenizer, str(folder / "model.bin"))
     return folders
 
 
@@ -114,7 +111,7 @@ def test_greedy_decoding_matches_torch_token_for_token_past_the_full_context(mod
     assert len(set(expected)) > 1  # the text depends on the context: not one token over and over
     assert np.abs(np.stack(numpy_logits) - np.stack(torch_logits)).max() < 1e-4  # at every step
     args = ["--prompt=alpha bravo ", "--max_new_tokens=200", "--temperature=0"]
-    from_torch = run_script("sample.py", f"--out_dir={models[arch, kind]}", "--device=cpu", *args, env=ONE_THREAD)
+    from_torch = run_script("sample.py", f"--out_dir={models[arch, kind]}", "--device=cpu", *args)
     from_numpy = run_script("run.py", str(models[arch, kind] / "model.bin"), *args)
     assert from_numpy.stdout == from_torch.stdout
     assert "[200 tokens" in from_numpy.stderr and "[200 tokens" in from_torch.stderr
@@ -171,7 +168,7 @@ def test_run_py_needs_neither_torch_nor_tiktoken(models, tmp_path):
 def test_export_cli_writes_model_bin_next_to_the_checkpoint(models):
     folder = models["gpt2", "bpe"]
     exported_in_process = (folder / "model.bin").read_bytes()
-    result = run_script("export.py", f"--out_dir={folder / 'ckpt.pt'}", env=ONE_THREAD)
+    result = run_script("export.py", f"--out_dir={folder / 'ckpt.pt'}")
     assert "parameters" in result.stdout
     assert (folder / "model.bin").read_bytes() == exported_in_process
     assert not list(folder.glob("*.tmp"))
@@ -206,4 +203,4 @@ def test_export_refuses_a_missing_or_damaged_checkpoint_clearly(models, tmp_path
     assert_clean_error(run_script("export.py", f"--out_dir={tmp_path / 'nothing'}", check=False))
     damaged = tmp_path / "damaged.pt"
     damaged.write_bytes((models["gpt2", "char"] / "ckpt.pt").read_bytes()[:3000])
-    assert_clean_error(run_script("export.py", f"--out_dir={damaged}", check=False, env=ONE_THREAD))
+    assert_clean_error(run_script("export.py", f"--out_dir={damaged}", check=False))

@@ -139,9 +139,11 @@ def test_ddp_with_two_processes_matches_one_process_at_the_same_global_batch(tin
     common = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--eval_iters=2",
               "--log_interval=1", "--sample_tokens=0", "--device=cpu", f"--data_root={tiny_char_data}",
               "--dataset=tiny", "--max_iters=8", "--eval_interval=4"]
-    run_script("train.py", *common, "--batch_size=8", f"--out_dir={tmp_path / 'single'}")
+    run_script("train.py", *common, "--batch_size=4", "--grad_accum=2", f"--out_dir={tmp_path / 'single'}")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
-    result = subprocess.run([*torchrun, *common, "--batch_size=4", f"--out_dir={tmp_path / 'ddp'}"], cwd=REPO,
+    # 2 processes x 2 micro-batches of 2 rows: the same 8 rows per step as the single process
+    # (and the same 4 rows per evaluation batch); gradients are all-reduced once per step
+    result = subprocess.run([*torchrun, *common, "--batch_size=2", "--grad_accum=2", f"--out_dir={tmp_path / 'ddp'}"], cwd=REPO,
                             capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-4000:]
     single, ddp = read_log(tmp_path / "single"), read_log(tmp_path / "ddp")

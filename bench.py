@@ -51,6 +51,7 @@ class BenchConfig:
     train_steps: int = field(30, "training steps per measurement (the first few are warm-up)")
     train_config: str = field("", "a preset to measure instead of the CPU shapes, e.g. configs/gpt2_124m.toml")
     dataset: str = field("pystdlib", "prepared data set the training figures read")
+    data_root: str = field("data", "folder holding prepared data sets")
     compile_too: bool = field(False, "also measure training under torch.compile")
     new_tokens: int = field(500, "tokens generated per repeat at context 256 (context 1024 uses a fifth)")
     json: bool = field(False, "print the figures as JSON instead of a table")
@@ -73,7 +74,8 @@ def bench_train(cfg, device, rows):
     for name, shape in shapes.items():
         for compiled in ([False, True] if cfg.compile_too else [False]):
             with tempfile.TemporaryDirectory() as out_dir:
-                command = [sys.executable, "train.py", *shape, f"--dataset={cfg.dataset}", f"--out_dir={out_dir}",
+                command = [sys.executable, "train.py", *shape, f"--dataset={cfg.dataset}", f"--data_root={cfg.data_root}",
+                           f"--out_dir={out_dir}",
                            f"--max_iters={cfg.train_steps}", "--eval_interval=1000000000", "--eval_iters=1",
                            "--log_interval=1", "--sample_tokens=0", "--plot=false", f"--device={device}",
                            f"--compile={compiled}"]

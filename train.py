@@ -432,8 +432,15 @@ def draw_loss_plot(out_dir):
         print(f"note: could not draw {out_dir}/loss.png ({e})", file=sys.stderr)
 
 
+DEFAULT_PRESET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.toml")
+
+
 def main():
-    cfg, given = parse_config(TrainConfig, sys.argv[1:], USAGE, allow_preset=True, return_given=True)
+    argv = sys.argv[1:]
+    from_checkpoint = any(a.startswith("--init_from=") and a != "--init_from=scratch" for a in argv)
+    if not from_checkpoint and not any(not a.startswith("--") for a in argv):
+        argv = [DEFAULT_PRESET, *argv]  # no preset named: the default run's
+    cfg, given = parse_config(TrainConfig, argv, USAGE, allow_preset=True, return_given=True)
     checkpoint = None
     if cfg.init_from != "scratch":
         resume = cfg.init_from == "resume"

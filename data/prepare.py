@@ -1,6 +1,6 @@
 """Turn text into token files: data/NAME/{train.bin, val.bin, tokenizer.json, meta.json}.
 
-    python data/prepare.py NAME [--input=SOURCE] [--tokenizer=char|bpe|gpt2] [--vocab_size=4096]
+    python data/prepare.py NAME [--input=SOURCE] [--tokenizer=char|bpe|gpt2] [--vocab_size=N]
         [--tokenizer_file=F] [--split=train] [--text_field=text] [--max_bytes=N]
         [--val_fraction=0.1] [--data_root=data]
 
@@ -21,7 +21,7 @@ SOURCE is one of
 
 Built-in names need no --input:
     pystdlib          the .py files of the running Python's standard library (tests excluded): the
-                      default corpus, on every machine with Python, no download. char tokenizer.
+                      default corpus, on every machine with Python, no download. bpe tokenizer, 1024 ids.
     shakespeare_char  Tiny Shakespeare (downloaded, or --input=FILE), char tokenizer
     shakespeare       Tiny Shakespeare, GPT-2 tokenizer
 An explicit --input or --tokenizer overrides the built-in's default.
@@ -76,11 +76,14 @@ from model.tokenizer import (
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 STDLIB = "python:stdlib"  # the source of the pystdlib corpus
-BUILTINS = {  # name -> (default source, default tokenizer)
-    "pystdlib": (STDLIB, "char"),
-    "shakespeare_char": (SHAKESPEARE_URL, "char"),
-    "shakespeare": (SHAKESPEARE_URL, "gpt2"),
+BUILTINS = {  # name -> (default source, default tokenizer, default bpe vocabulary size)
+    # pystdlib: a 1024-id BPE makes tokens of ~2.6 bytes (keywords and indentation become single
+    # tokens), so the 5-minute default run sees 2.6x more code than at one character per token.
+    "pystdlib": (STDLIB, "bpe", 1024),
+    "shakespeare_char": (SHAKESPEARE_URL, "char", 0),
+    "shakespeare": (SHAKESPEARE_URL, "gpt2", 0),
 }
+DEFAULT_VOCAB_SIZE = 4096
 TOKENIZERS = ("char", "bpe", "gpt2")
 STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 HF_FILE_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text"}
@@ -96,7 +99,7 @@ SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
 class PrepareConfig:
     input: str = field("", "file, folder, http(s) URL, hf:owner/name or hf:/local/path (built-in names need none)")
     tokenizer: str = field("", "char, bpe or gpt2 (default: the built-in's, else char)")
-    vocab_size: int = field(4096, "number of token ids for --tokenizer=bpe")
+    vocab_size: int = field(0, "number of token ids for --tokenizer=bpe (0 = the built-in's default, else 4096)")
     tokenizer_file: str = field("", "gpt2: a gpt2.tiktoken file (offline); char/bpe: a saved tokenizer.json to reuse")
     split: str = field("train", "split of an hf: dataset to read")
     text_field: str = field("text", "column of an hf: dataset that holds the text")
@@ -176,9 +179,9 @@ def download(url, data_root):
     # The hash keeps two URLs that end in the same file name (input.txt...) apart.
     path = Path(data_root) / ".cache" / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{basename}"
     if path.exists():
-        print(f"using cached {path} ({url})")
+        print(f"using cached {path} ({url})", file=sys.stderr)
         return path
-    print(f"downloading {url} -> {path}")
+    print(f"downloading {url} -> {path}", file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
@@ -383,15 +386,16 @@ def write_json_atomically(path, obj):
     os.replace(partial, path)
 
 
-def prepare(name, input=None, tokenizer=None, vocab_size=4096, tokenizer_file=None, split="train",
+def prepare(name, input=None, tokenizer=None, vocab_size=0, tokenizer_file=None, split="train",
             text_field="text", max_bytes=0, val_fraction=0.1, data_root="data"):
     """Read, split, tokenize and write data_root/name/; returns the meta dict (also in meta.json)."""
     start_time = time.time()
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
         raise UserError(f"dataset name {name!r} must be a plain folder name (letters, digits, _ . -)")
-    default_source, default_kind = BUILTINS.get(name, (None, "char"))
+    default_source, default_kind, default_vocab = BUILTINS.get(name, (None, "char", 0))
     source = input or default_source
     kind = tokenizer or default_kind
+    vocab_size = vocab_size or default_vocab or DEFAULT_VOCAB_SIZE
     if source is None:
         raise UserError(f"{name} is not a built-in dataset ({', '.join(BUILTINS)}); pass --input=SOURCE")
     if kind not in TOKENIZERS:
@@ -453,13 +457,14 @@ def prepare(name, input=None, tokenizer=None, vocab_size=4096, tokenizer_file=No
     seconds = time.time() - start_time
     total_bytes = nbytes[0] + nbytes[1]
     print(f"read {len(documents):,} documents, {total_bytes / 1e6:.2f} MB of text from {description} "
-          f"({read_time - start_time:.1f}s)")
+          f"({read_time - start_time:.1f}s)", file=sys.stderr)
     print(f"tokenizer {tok.kind}, vocab {tok.vocab_size:,}; {tokens[0] + tokens[1]:,} tokens, "
-          f"{total_bytes / max(1, tokens[0] + tokens[1]):.2f} bytes/token; split by {split_by}")
+          f"{total_bytes / max(1, tokens[0] + tokens[1]):.2f} bytes/token; split by {split_by}", file=sys.stderr)
     for i, split_name in enumerate(("train", "val")):
         print(f"  {split_name}: {tokens[i]:,} tokens ({nbytes[i]:,} bytes of text) -> "
-              f"{out_dir / (split_name + '.bin')} ({tokens[i] * np.dtype(dtype).itemsize / 1e6:.2f} MB {meta['dtype']})")
-    print(f"prepared {out_dir} in {seconds:.1f}s")
+              f"{out_dir / (split_name + '.bin')} ({tokens[i] * np.dtype(dtype).itemsize / 1e6:.2f} MB {meta['dtype']})",
+              file=sys.stderr)
+    print(f"prepared {out_dir} in {seconds:.1f}s", file=sys.stderr)
     return meta
 
 

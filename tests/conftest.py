@@ -14,7 +14,7 @@ def run_script(*args, timeout=300, env=None, check=True):
     """python <script> <args> from the repository root, as a user would type it."""
     # One thread per process: the tiny models here gain nothing from more, and threads that
     # spin while another process holds the other core slow a run down many times over.
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
                             timeout=timeout, env=full_env)
     if check and result.returncode != 0:

@@ -72,7 +72,7 @@ def test_file_prepares_train_and_val_that_decode_back_to_the_text(tmp_path, caps
     assert len(POEM) * 0.9 <= len(train) < len(POEM) * 0.9 + 60
     assert meta["split_by"] == "text" and meta["documents"] == 1 and meta["eot_id"] is None
     assert meta["tokenizer"] == "char" and meta["vocab_size"] == len(set(POEM)) and meta["source"] == str(source)
-    assert "prepared" in capsys.readouterr().out
+    assert "prepared" in capsys.readouterr().err  # diagnostics go to stderr
 
 
 def test_meta_counts_match_the_token_files_and_the_source_bytes(tmp_path):
@@ -224,7 +224,8 @@ def test_pystdlib_is_the_standard_library_without_its_tests(tmp_path):
         assert path.suffix == ".py" and "site-packages" not in parts
         assert not any(p in ("test", "tests", "idle_test", "__pycache__") or p.startswith("test") for p in parts)
     meta = prepare("pystdlib", max_bytes=300_000, data_root=str(tmp_path))  # the cap keeps this test quick
-    assert meta["tokenizer"] == "char" and meta["split_by"] == "documents" and meta["documents"] >= 10
+    assert meta["tokenizer"] == "bpe" and meta["vocab_size"] <= 1024  # its default: a 1024-id BPE
+    assert meta["split_by"] == "documents" and meta["documents"] >= 10
     assert meta["train_bytes"] + meta["val_bytes"] == 300_000
 
 
@@ -241,7 +242,7 @@ def test_cli_prepares_a_file_from_the_repo_root(tmp_path):
     source.write_text(POEM)
     result = run_cli("poem", f"--input={source}", "--tokenizer=char", f"--data_root={tmp_path}")
     assert result.returncode == 0, result.stderr
-    assert "train:" in result.stdout and "val:" in result.stdout
+    assert "train:" in result.stderr and "val:" in result.stderr
     meta = json.loads((tmp_path / "poem" / "meta.json").read_text())
     assert meta["train_tokens"] + meta["val_tokens"] == len(POEM)
 

@@ -60,8 +60,10 @@ def test_ctrl_c_saves_and_resume_finishes_the_same_run(tiny_char_data, tmp_path)
     common = [*TINY_MODEL, f"--data_root={tiny_char_data}", "--dataset=tiny", "--eval_interval=1000",
               "--max_iters=400"]
     interrupted = tmp_path / "interrupted"
+    # the same thread count as run_script's runs: bit-for-bit needs the same float summation order
     process = subprocess.Popen([sys.executable, "train.py", *common, f"--out_dir={interrupted}"], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until training is under way
         log = interrupted / "log.jsonl"

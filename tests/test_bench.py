@@ -5,7 +5,7 @@ from conftest import assert_clean_error, run_script
 
 def test_bench_reports_training_generation_and_run_py_side_by_side(tiny_char_data):
     result = run_script("bench.py", "--sections=train,generate,runpy", "--repeats=1", "--new_tokens=5",
-                        "--train_steps=3", f"--data_root={tiny_char_data}", "--dataset=tiny", "--device=cpu",
+                        "--train_steps=15", f"--data_root={tiny_char_data}", "--dataset=tiny", "--device=cpu",
                         "--json")
     report = json.loads(result.stdout)
     figures = {(f["measurement"], f["setting"]): f["value"] for f in report["figures"]}

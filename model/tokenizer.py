@@ -36,21 +36,16 @@ GPT2_TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_b
 
 
 class Tokenizer:
-    """What every kind offers. Subclasses fill in encode, token_bytes and to_dict."""
+    """What every kind offers. Each subclass defines encode(text, allow_special=False) -> ids,
+    token_bytes(id) -> bytes and to_dict() -> a JSON-serialisable description."""
 
     kind: str
     vocab_size: int  # number of ids, special tokens included
     eot_id: int | None  # id of <|endoftext|>, None where the kind has none
 
-    def encode(self, text: str, allow_special: bool = False) -> list[int]:
-        raise NotImplementedError
-
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts as ordinary text (the fast path for data preparation)."""
         return [self.encode(text) for text in texts]
-
-    def token_bytes(self, id: int) -> bytes:
-        raise NotImplementedError
 
     def decode_bytes(self, ids) -> bytes:
         """The tokens' bytes, concatenated. For streaming: a multi-byte character may be
@@ -60,9 +55,6 @@ class Tokenizer:
     def decode(self, ids) -> str:
         # A model may emit bytes that are not valid UTF-8; show them as U+FFFD, don't crash.
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
-
-    def to_dict(self) -> dict:
-        raise NotImplementedError
 
     def _check_id(self, id: int):
         if not 0 <= id < self.vocab_size:

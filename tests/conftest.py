@@ -6,6 +6,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+# Tests run in parallel (pytest -n auto): one thread per test process keeps them from
+# fighting over the cores (see run_script).
+torch.set_num_threads(1)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from model.checkpoint import load_checkpoint, model_from_checkpoint
-from model.cli import UserError, field, main_guard, parse_config, resolve_device
+from model.cli import UserError, field, main_guard, parse_config, read_prompt, resolve_device
 from model.gpt import filter_logits, sample_next_token
 
 USAGE = "usage: python explain.py [--out_dir=out] [--prompt=TEXT|FILE:path] [--field=value ...]"
@@ -77,29 +77,6 @@ def show(text, width=None):
     if width is not None and len(shown) > width - 2:
         shown = shown[:width - 3] + "…"
     return f"'{shown}'"
-
-
-def read_prompt(prompt, tokenizer):
-    """--prompt text (or FILE:path) -> token ids. '' is the start of a document."""
-    if prompt.startswith("FILE:"):
-        path = prompt[len("FILE:"):]
-        try:
-            with open(path, encoding="utf-8") as f:
-                prompt = f.read()
-        except FileNotFoundError:
-            raise UserError(f"prompt file {path} not found") from None
-        except UnicodeDecodeError:
-            raise UserError(f"prompt file {path} is not UTF-8 text") from None
-        if not prompt:
-            raise UserError(f"prompt file {path} is empty")
-    if prompt:
-        return tokenizer.encode(prompt)
-    if tokenizer.eot_id is not None:
-        return [tokenizer.eot_id]
-    try:
-        return tokenizer.encode("\n")  # a character model starts a document at a line break
-    except UserError:
-        raise UserError("this model has no start-of-document token: give a --prompt=TEXT") from None
 
 
 # ---- one forward pass, keeping the insides --------------------------------------------------
@@ -495,7 +472,7 @@ def explain(cfg):
     # --neighbors on its own needs no prompt
     wants_prompt = bool(cfg.prompt) or not cfg.neighbors or cfg.generate or cfg.attention or cfg.logit_lens
     if wants_prompt:
-        ids = read_prompt(cfg.prompt, tokenizer)
+        ids, _ = read_prompt(cfg.prompt, tokenizer)
         cropped = max(0, len(ids) - config.block_size)
         ids = ids[cropped:]  # the model sees at most block_size tokens: keep the last ones
         doc["prompt"] = {"tokens": len(ids), "cropped": cropped}

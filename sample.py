@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from model.checkpoint import load_checkpoint, model_from_checkpoint
-from model.cli import UserError, field, main_guard, parse_config, resolve_device
+from model.cli import UserError, field, main_guard, parse_config, read_prompt, resolve_device
 
 USAGE = "usage: python sample.py [--out_dir=out] [--prompt=TEXT|FILE:path] [--field=value ...]"
 
@@ -33,24 +33,6 @@ class SampleConfig:
     seed: int = field(1337, "random seed: the same seed gives the same text")
     device: str = field("auto", "auto | cpu | cuda | cuda:N | mps")
     kv_cache: bool = field(True, "reuse keys/values of earlier positions (false = recompute the whole context per token)")
-
-
-def read_prompt(prompt, tokenizer):
-    """Prompt text -> token ids. '' starts a fresh document (end-of-text token, or a newline)."""
-    if prompt.startswith("FILE:"):
-        path = prompt[len("FILE:"):]
-        try:
-            with open(path, encoding="utf-8") as f:
-                prompt = f.read()
-        except FileNotFoundError:
-            raise UserError(f"prompt file {path} not found") from None
-        except UnicodeDecodeError:
-            raise UserError(f"prompt file {path} is not UTF-8 text") from None
-    if prompt:
-        return tokenizer.encode(prompt), prompt
-    if tokenizer.eot_id is not None:
-        return [tokenizer.eot_id], ""
-    return tokenizer.encode("\n"), "\n"
 
 
 def check_config(cfg):

@@ -136,3 +136,27 @@ def resolve_device(name):
     if name != "cpu" and not name.startswith(("cuda", "mps")):
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     return name
+
+
+def read_prompt(prompt, tokenizer):
+    """--prompt text, or FILE:path -> (token ids, the prompt's text). '' starts a fresh
+    document: the end-of-text token where the tokenizer has one, else a line break."""
+    if prompt.startswith("FILE:"):
+        path = prompt[len("FILE:"):]
+        try:
+            with open(path, encoding="utf-8") as f:
+                prompt = f.read()
+        except FileNotFoundError:
+            raise UserError(f"prompt file {path} not found") from None
+        except UnicodeDecodeError:
+            raise UserError(f"prompt file {path} is not UTF-8 text") from None
+        if not prompt:
+            raise UserError(f"prompt file {path} is empty")
+    if prompt:
+        return tokenizer.encode(prompt), prompt
+    if tokenizer.eot_id is not None:
+        return [tokenizer.eot_id], ""
+    try:
+        return tokenizer.encode("\n"), "\n"  # a character model starts a document at a line break
+    except UserError:
+        raise UserError("this model has no start-of-document token: give a --prompt=TEXT") from None

@@ -469,12 +469,10 @@ def check_config(cfg):
             raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
     if cfg.max_iters < 0:
         raise UserError("--max_iters must be 0 or more")
-    if cfg.arch not in ("gpt2", "llama"):
-        raise UserError(f"--arch must be gpt2 or llama, got {cfg.arch!r}")
-    if cfg.n_embd % cfg.n_head:
-        raise UserError(f"--n_embd ({cfg.n_embd}) must be divisible by --n_head ({cfg.n_head})")
-    if cfg.arch == "llama" and (cfg.n_embd // cfg.n_head) % 2:
-        raise UserError("--arch=llama needs an even head size (n_embd / n_head) for rotary embeddings")
+    try:  # the model's own rules (arch, head sizes), checked before any data is read
+        GPTConfig(arch=cfg.arch, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if not 0.0 <= cfg.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
 

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from model.cli import UserError, field, main_guard, parse_config, resolve_device
+from model.cli import field, main_guard, parse_config, resolve_device
+from model.errors import UserError
 from model.gpt import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))

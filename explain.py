@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from model.checkpoint import load_checkpoint, model_from_checkpoint
-from model.cli import UserError, field, main_guard, parse_config, read_prompt, resolve_device
+from model.cli import field, main_guard, parse_config, read_prompt, resolve_device
+from model.errors import UserError
+from model.files import atomic_write
 from model.gpt import filter_logits, sample_next_token
 
 USAGE = "usage: python explain.py [--out_dir=out] [--prompt=TEXT|FILE:path] [--field=value ...]"
@@ -196,7 +198,7 @@ def explain_generation(model, tokenizer, ids, cfg):
         picked = sample_next_token(logits, cfg.temperature, cfg.top_k or None, cfg.top_p, generator)
         steps.append({"position": len(tokens), **describe_choice(logits, picked, cfg, tokenizer)})
         tokens.append(picked)
-        if picked == tokenizer.eot_id:
+        if picked == tokenizer.eos_id:
             break
     new = tokens[len(ids):]
     return {"temperature": cfg.temperature, "top_k": cfg.top_k or None, "top_p": cfg.top_p, "seed": cfg.seed,
@@ -314,11 +316,9 @@ def draw_attention(path, weights, labels, layers, heads):
     grid_middle_y = (margin + (height - TOP_MARGIN)) / 2 / height
     fig.text(grid_middle_x, 6 / height, "key: the token looked at", ha="center", va="bottom", fontsize=9)
     fig.text(6 / width, grid_middle_y, "query: the token looking", ha="left", va="center", rotation=90, fontsize=9)
-    temporary = path + ".tmp.png"
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), atomic_write(path) as f:
         warnings.simplefilter("ignore")  # glyphs missing from the font (emoji, CJK) are drawn as boxes
-        fig.savefig(temporary, dpi=DPI)
-    os.replace(temporary, path)
+        fig.savefig(f, dpi=DPI, format="png")
 
 
 # ---- tables ---------------------------------------------------------------------------------

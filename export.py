@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from model.checkpoint import load_checkpoint, model_from_checkpoint
-from model.cli import UserError, field, main_guard, parse_config
+from model.cli import field, main_guard, parse_config
+from model.errors import UserError
+from model.files import atomic_write
 from run import ARCHS, HEADER, MAGIC, TOKENIZER_KINDS, VERSION, Config, weight_layout
 
 USAGE = "usage: python export.py [--out_dir=out] [--output=out/model.bin]"
@@ -49,30 +51,22 @@ def export_model(model, tokenizer, path):
     header = HEADER.pack(MAGIC, VERSION, ARCHS.index(config.arch), config.vocab_size, config.block_size,
                          config.n_layer, config.n_head, config.n_embd, config.mlp_hidden,
                          config.norm_eps, config.rope_theta)
-    eot_id = -1 if tokenizer.eot_id is None else tokenizer.eot_id
-    header += struct.pack("<Ii", TOKENIZER_KINDS.index(tokenizer.kind), eot_id)
+    eos_id = -1 if tokenizer.eos_id is None else tokenizer.eos_id
+    header += struct.pack("<Ii", TOKENIZER_KINDS.index(tokenizer.kind), eos_id)
     header += length_prefixed(getattr(tokenizer, "pattern", "").encode("utf-8"))
     header += struct.pack("<I", tokenizer.vocab_size)
     header += b"".join(length_prefixed(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size))
     header += bytes(-len(header) % 64)  # zeros up to a multiple of 64: the weights start aligned
 
     state = model.state_dict()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    temporary = path + ".tmp"
-    try:
-        with open(temporary, "wb") as f:
-            f.write(header)
-            for name, shape in weight_layout(config):
-                tensor = state[name]
-                if name == "wte.weight":
-                    tensor = tensor[:config.vocab_size]  # the padded rows are never scored: leave them out
-                assert tuple(tensor.shape) == shape, (name, tuple(tensor.shape), shape)
-                f.write(tensor.detach().to(torch.float32).cpu().numpy().astype("<f4").tobytes())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    with atomic_write(path) as f:
+        f.write(header)
+        for name, shape in weight_layout(config):
+            tensor = state[name]
+            if name == "wte.weight":
+                tensor = tensor[:config.vocab_size]  # the padded rows are never scored: leave them out
+            assert tuple(tensor.shape) == shape, (name, tuple(tensor.shape), shape)
+            f.write(tensor.detach().to(torch.float32).cpu().numpy().astype("<f4").tobytes())
 
 
 def main():

@@ -12,7 +12,9 @@ import json
 import os
 import sys
 
-from model.cli import UserError, main_guard
+from model.cli import main_guard
+from model.errors import UserError
+from model.files import atomic_write
 
 FIGURE_INCHES = (8, 5)
 DPI = 100  # 800 x 500 pixels
@@ -94,10 +96,8 @@ def plot_log(log_path, png_path):
     if lines or lr_lines:
         ax.legend(lines + lr_lines, labels + lr_labels, loc="upper right", fontsize=8)
 
-    # written beside the target, then renamed: a viewer never sees half a picture
-    temporary = png_path + ".tmp.png"
-    fig.savefig(temporary, dpi=DPI)
-    os.replace(temporary, png_path)
+    with atomic_write(png_path) as f:  # a viewer never sees half a picture
+        fig.savefig(f, dpi=DPI, format="png")
     return True
 
 

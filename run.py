@@ -71,19 +71,19 @@ def weight_layout(config):
         if config.arch == "gpt2":
             layout += linear(b + "mlp.c_fc", H, C) + linear(b + "mlp.c_proj", C, H)
         else:
-            layout += linear(b + "mlp.w1", H, C) + linear(b + "mlp.w3", H, C) + linear(b + "mlp.c_proj", C, H)
+            layout += linear(b + "mlp.c_gate", H, C) + linear(b + "mlp.c_fc", H, C) + linear(b + "mlp.c_proj", C, H)
     return layout + norm("ln_f")
 
 
 # ---- the tokenizer ---------------------------------------------------------------------------
 
 class Tokenizer:
-    def __init__(self, kind, token_bytes, eot_id):
-        self.kind, self.token_bytes, self.eot_id = kind, token_bytes, eot_id
+    def __init__(self, kind, token_bytes, eos_id):
+        self.kind, self.token_bytes, self.eos_id = kind, token_bytes, eos_id
         if kind == "char":
             self.id_of = {b.decode("utf-8", "surrogatepass"): i for i, b in enumerate(token_bytes)}
         else:  # byte-level BPE: a token's id is its merge rank (the lower, the earlier merged)
-            self.ranks = {b: i for i, b in enumerate(token_bytes) if i != eot_id}
+            self.ranks = {b: i for i, b in enumerate(token_bytes) if i != eos_id}
 
     def encode(self, text):
         if self.kind == "char":
@@ -174,16 +174,16 @@ def load_model(path):
     if config.n_embd % config.n_head or (config.arch == "llama" and config.head_size % 2):
         raise impossible
 
-    kind, eot_id = read("<Ii")
+    kind, eos_id = read("<Ii")
     pattern = read_string().decode("utf-8", "replace")
     (n_tokens,) = read("<I")
     token_bytes = [read_string() for _ in range(n_tokens)]
-    if kind >= len(TOKENIZER_KINDS) or n_tokens != config.vocab_size or not -1 <= eot_id < n_tokens:
+    if kind >= len(TOKENIZER_KINDS) or n_tokens != config.vocab_size or not -1 <= eos_id < n_tokens:
         raise BadInput(f"{path} is corrupt (its tokenizer does not fit the model)")
     if kind > 0 and pattern != GPT2_SPLIT_PATTERN:
         raise BadInput(f"{path} uses a split pattern other than GPT-2's, the only one run.py knows")
     try:
-        tokenizer = Tokenizer(TOKENIZER_KINDS[kind], token_bytes, eot_id if eot_id >= 0 else None)
+        tokenizer = Tokenizer(TOKENIZER_KINDS[kind], token_bytes, eos_id if eos_id >= 0 else None)
     except UnicodeDecodeError:  # a char token that is not UTF-8
         raise BadInput(f"{path} is corrupt (a character token is not UTF-8)") from None
 
@@ -264,9 +264,9 @@ def mlp(model, b, x):
     if model.config.arch == "gpt2":  # GELU, GPT-2's tanh approximation
         h = linear(model, b + "mlp.c_fc", x)
         h = 0.5 * h * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h ** 3)))
-    else:  # SwiGLU: silu(x W1) * (x W3), silu(a) = a * sigmoid(a), sigmoid(a) = (1 + tanh(a/2)) / 2
-        gate = linear(model, b + "mlp.w1", x)
-        h = gate * 0.5 * (1.0 + np.tanh(0.5 * gate)) * linear(model, b + "mlp.w3", x)
+    else:  # SwiGLU: silu(x c_gate) * (x c_fc), silu(a) = a * sigmoid(a), sigmoid(a) = (1 + tanh(a/2)) / 2
+        gate = linear(model, b + "mlp.c_gate", x)
+        h = gate * 0.5 * (1.0 + np.tanh(0.5 * gate)) * linear(model, b + "mlp.c_fc", x)
     return linear(model, b + "mlp.c_proj", h)
 
 
@@ -352,8 +352,8 @@ def read_prompt(prompt, tokenizer):
                 prompt = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise BadInput(f"cannot read prompt file {prompt[5:]}: {getattr(e, 'strerror', None) or e}") from None
-    if not prompt and tokenizer.eot_id is not None:
-        return [tokenizer.eot_id], ""
+    if not prompt and tokenizer.eos_id is not None:
+        return [tokenizer.eos_id], ""
     prompt = prompt or "\n"
     return tokenizer.encode(prompt), prompt
 
@@ -383,9 +383,9 @@ def main(argv=None):
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     started, count = time.time(), 0
     for token_id in generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k or None,
-                             args.top_p, eos_id=tokenizer.eot_id, seed=args.seed):
+                             args.top_p, eos_id=tokenizer.eos_id, seed=args.seed):
         count += 1
-        if token_id == tokenizer.eot_id:
+        if token_id == tokenizer.eos_id:
             break
         sys.stdout.write(decoder.decode(tokenizer.token_bytes[token_id]))
         sys.stdout.flush()

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from model.checkpoint import load_checkpoint, model_from_checkpoint
-from model.cli import UserError, field, main_guard, parse_config, read_prompt, resolve_device
+from model.cli import field, main_guard, parse_config, read_prompt, resolve_device
+from model.errors import UserError
 
 USAGE = "usage: python sample.py [--out_dir=out] [--prompt=TEXT|FILE:path] [--field=value ...]"
 
@@ -67,10 +68,10 @@ def main():
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         started, count = time.time(), 0
         for token_id in model.generate(prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature,
-                                       top_k=cfg.top_k or None, top_p=cfg.top_p, eos_id=tokenizer.eot_id,
+                                       top_k=cfg.top_k or None, top_p=cfg.top_p, eos_id=tokenizer.eos_id,
                                        generator=generator, use_kv_cache=cfg.kv_cache):
             count += 1
-            if token_id == tokenizer.eot_id:
+            if token_id == tokenizer.eos_id:
                 break
             sys.stdout.write(decoder.decode(tokenizer.token_bytes(token_id)))
             sys.stdout.flush()

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from model.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from model.cli import UserError, field, main_guard, parse_config, resolve_device
+from model.cli import field, main_guard, parse_config, resolve_device
+from model.errors import UserError
 from model.gpt import GPT, GPTConfig
 from model.tokenizer import load_tokenizer
 
@@ -402,7 +403,7 @@ def train(cfg, checkpoint=None):
         prompt = tokenizer.encode(cfg.sample_prompt)
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         new = list(raw_model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=50,
-                                      eos_id=tokenizer.eot_id, generator=generator))
+                                      eos_id=tokenizer.eos_id, generator=generator))
         say("---- a sample from the model (python sample.py for more) ----")
         print(tokenizer.decode(prompt + new))
     if log_file:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.cli import UserError
+from model.errors import UserError
 
 SPLIT_IDS = {"train": 0, "val": 1}
 EVAL_STREAM = 0x6576616C  # "eval" in ASCII: keeps evaluation offsets apart from training steps' offsets

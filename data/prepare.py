@@ -49,6 +49,7 @@ from pathlib import Path
 # Run as `python data/prepare.py`, Python puts data/ on sys.path, not the repo root that holds model/.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import contextlib
 import dataclasses
 import hashlib
 import http.client
@@ -65,12 +66,13 @@ from fractions import Fraction
 import numpy as np
 from tqdm import tqdm
 
-from model.cli import UserError, field, main_guard, parse_config
+from model.cli import field, main_guard, parse_config
+from model.errors import UserError
+from model.files import atomic_write
 from model.tokenizer import (
     char_tokenizer_from_text,
     gpt2_tokenizer,
     load_tokenizer,
-    save_tokenizer,
     train_bpe,
 )
 
@@ -182,14 +184,10 @@ def download(url, data_root):
         print(f"using cached {path} ({url})", file=sys.stderr)
         return path
     print(f"downloading {url} -> {path}", file=sys.stderr)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as f:
+        with urllib.request.urlopen(url, timeout=60) as response, atomic_write(path) as f:
             shutil.copyfileobj(response, f)
-        os.replace(partial, path)
     except (OSError, ValueError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
-        partial.unlink(missing_ok=True)
         reason = getattr(e, "reason", None) or e
         raise UserError(f"could not download {url} ({reason}); download it yourself and pass --input=FILE") from None
     return path
@@ -343,7 +341,7 @@ def cut_long_pieces(pieces):
 def encode_pieces(tokenizer, pieces, dtype, files):
     """Encode the pieces in batches and append their ids to files[is_val]; returns (tokens, bytes) per split."""
     tokens, nbytes = [0, 0], [0, 0]
-    eot = tokenizer.eot_id
+    eot = tokenizer.eos_id
     batch, batch_chars = [], 0
     progress = tqdm(total=sum(len(text) for text, _, _ in pieces), desc="encoding", unit="char",
                     unit_scale=True, disable=None)
@@ -378,14 +376,6 @@ def encode_pieces(tokenizer, pieces, dtype, files):
 # ---------------------------------------------------------------- writing
 
 
-def write_json_atomically(path, obj):
-    partial = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    with open(partial, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(partial, path)
-
-
 def prepare(name, input=None, tokenizer=None, vocab_size=0, tokenizer_file=None, split="train",
             text_field="text", max_bytes=0, val_fraction=0.1, data_root="data"):
     """Read, split, tokenize and write data_root/name/; returns the meta dict (also in meta.json)."""
@@ -416,17 +406,22 @@ def prepare(name, input=None, tokenizer=None, vocab_size=0, tokenizer_file=None,
 
     out_dir = Path(data_root) / name
     created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = ["train.bin", "val.bin", "tokenizer.json"]
-    partials = [out_dir / f".tmp-{os.getpid()}-{n}" for n in names]
     try:
-        with open(partials[0], "wb") as train_file, open(partials[1], "wb") as val_file:
+        # Each file is written to a temporary name and replaces the old one only when the whole
+        # block has succeeded (the exit of the ExitStack); a failure leaves the old data set intact.
+        with contextlib.ExitStack() as files:
+            train_file = files.enter_context(atomic_write(out_dir / "train.bin"))
+            val_file = files.enter_context(atomic_write(out_dir / "val.bin"))
             tokens, nbytes = encode_pieces(tok, cut_long_pieces(pieces), dtype, [train_file, val_file])
-        for split_name, count in (("train", tokens[0]), ("val", tokens[1])):
-            if count < 2:  # a loader needs at least one input and one target token
-                raise UserError(f"the {split_name} split would hold {count} token(s); give more text "
-                                f"or change --val_fraction")
-        save_tokenizer(tok, partials[2])
+            for split_name, count in (("train", tokens[0]), ("val", tokens[1])):
+                if count < 2:  # a loader needs at least one input and one target token
+                    raise UserError(f"the {split_name} split would hold {count} token(s); give more text "
+                                    f"or change --val_fraction")
+            with files.enter_context(atomic_write(out_dir / "tokenizer.json", "w", encoding="utf-8")) as f:
+                json.dump(tok.to_dict(), f)
+            # meta.json marks a complete preparation: drop the old one before the new files replace
+            # the old ones, so a crash in between never leaves a meta.json describing the wrong files.
+            (out_dir / "meta.json").unlink(missing_ok=True)
         meta = {
             "name": name,
             "tokenizer": tok.kind,
@@ -439,19 +434,14 @@ def prepare(name, input=None, tokenizer=None, vocab_size=0, tokenizer_file=None,
             "documents": len(documents),
             "source": description,
             "sha256": sha256.hexdigest(),
-            "eot_id": tok.eot_id,
+            "eos_id": tok.eos_id,
             "split_by": split_by,
         }
-        # meta.json marks a complete preparation: drop the old one first so a crash between the
-        # replacements below never leaves a meta.json that describes the wrong .bin files.
-        (out_dir / "meta.json").unlink(missing_ok=True)
-        for partial, final in zip(partials, names):
-            os.replace(partial, out_dir / final)
-        write_json_atomically(out_dir / "meta.json", meta)
+        with atomic_write(out_dir / "meta.json", "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2, ensure_ascii=False)
+            f.write("\n")
     finally:
-        for partial in partials:
-            partial.unlink(missing_ok=True)
-        if created and not any(out_dir.iterdir()):
+        if created and out_dir.exists() and not any(out_dir.iterdir()):
             out_dir.rmdir()
 
     seconds = time.time() - start_time

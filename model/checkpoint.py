@@ -1,6 +1,6 @@
 """Checkpoints: one file holding everything needed to sample from, or resume, a run.
 
-Written atomically (a temporary file, then os.replace) so a crash mid-write never leaves a
+Written atomically (model/files.py: a temporary file, then os.replace) so a crash mid-write never leaves a
 half-written ckpt.pt, and read with torch.load(weights_only=True), which refuses to run
 code hidden in a file (plain pickles can).
 """
@@ -9,19 +9,29 @@ import os
 
 import torch
 
-from model.cli import UserError
+from model.errors import UserError
+from model.files import atomic_write
 from model.gpt import GPT, GPTConfig
 from model.tokenizer import tokenizer_from_dict
 
 REQUIRED_KEYS = ("model", "model_config", "tokenizer", "config", "step")
+# Parameter names that changed: checkpoints written before the change still load.
+RENAMED_PARAMETERS = {".mlp.w1.": ".mlp.c_gate.", ".mlp.w3.": ".mlp.c_fc."}
+
+
+def upgrade_state_dict(state):
+    """A checkpoint's weights under today's parameter names."""
+    renamed = {}
+    for name, tensor in state.items():
+        for old, new in RENAMED_PARAMETERS.items():
+            name = name.replace(old, new)
+        renamed[name] = tensor
+    return renamed
 
 
 def save_checkpoint(checkpoint, path):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    temporary = path + ".tmp"
-    torch.save(checkpoint, temporary)
-    os.replace(temporary, path)
+    with atomic_write(path) as f:
+        torch.save(checkpoint, f)
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -47,7 +57,7 @@ def model_from_checkpoint(checkpoint, device="cpu", dropout=None):
         model_config["dropout"] = dropout
     try:
         model = GPT(GPTConfig(**model_config))
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(upgrade_state_dict(checkpoint["model"]))
     except (TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"checkpoint does not match the model: {str(e).splitlines()[0][:200]}") from None
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])

@@ -12,9 +12,7 @@ import sys
 import tomllib
 import typing
 
-
-class UserError(Exception):
-    """Bad input from the user: reported as one line, exit code 2."""
+from model.errors import UserError
 
 
 def field(default, doc):
@@ -154,8 +152,8 @@ def read_prompt(prompt, tokenizer):
             raise UserError(f"prompt file {path} is empty")
     if prompt:
         return tokenizer.encode(prompt), prompt
-    if tokenizer.eot_id is not None:
-        return [tokenizer.eot_id], ""
+    if tokenizer.eos_id is not None:
+        return [tokenizer.eos_id], ""
     try:
         return tokenizer.encode("\n"), "\n"  # a character model starts a document at a line break
     except UserError:

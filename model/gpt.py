@@ -172,14 +172,13 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.arch = config.arch
-        if config.arch == "gpt2":
-            self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden)
-            self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd)
-        else:
-            # SwiGLU: silu(x W1) * (x W3), then W2. The gate lets each unit switch itself off.
-            self.w1 = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
-            self.w3 = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
-            self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
+        bias = config.arch == "gpt2"
+        # c_fc widens, c_proj narrows back, in both archs (GPT-2's names).
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=bias)
+        if config.arch == "llama":
+            # SwiGLU: silu(x c_gate) * (x c_fc), then c_proj. The gate lets each unit switch itself off.
+            self.c_gate = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=bias)
         self.c_proj.residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
 
@@ -187,7 +186,7 @@ class MLP(nn.Module):
         if self.arch == "gpt2":
             hidden = F.gelu(self.c_fc(x), approximate="tanh")  # GPT-2's tanh approximation
         else:
-            hidden = F.silu(self.w1(x)) * self.w3(x)
+            hidden = F.silu(self.c_gate(x)) * self.c_fc(x)
         return self.dropout(self.c_proj(hidden))
 
 

@@ -23,7 +23,8 @@ import time
 import regex
 import tiktoken
 
-from model.cli import UserError
+from model.errors import UserError
+from model.files import atomic_write
 
 # GPT-2's pre-split: contractions, letters, digits, other symbols, and whitespace runs
 # become separate chunks, and BPE merges never cross a chunk boundary. (A run of spaces
@@ -41,7 +42,7 @@ class Tokenizer:
 
     kind: str
     vocab_size: int  # number of ids, special tokens included
-    eot_id: int | None  # id of <|endoftext|>, None where the kind has none
+    eos_id: int | None  # id that ends a document (<|endoftext|>), None where the kind has none
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts as ordinary text (the fast path for data preparation)."""
@@ -68,7 +69,7 @@ class CharTokenizer(Tokenizer):
         self.chars = list(chars)
         self.id_of = {ch: i for i, ch in enumerate(self.chars)}
         self.vocab_size = len(self.chars)
-        self.eot_id = None
+        self.eos_id = None
 
     def encode(self, text, allow_special=False):
         try:
@@ -107,7 +108,7 @@ class BytePairTokenizer(Tokenizer):
         self.kind = kind
         self.ranks = ranks
         self.pattern = pattern
-        self.eot_id = len(ranks)
+        self.eos_id = len(ranks)
         self.vocab_size = len(ranks) + 1
         self.bytes_of = sorted(ranks, key=ranks.get) + [EOT.encode()]
         try:
@@ -115,7 +116,7 @@ class BytePairTokenizer(Tokenizer):
                 name=f"{kind}-{self.vocab_size}",
                 pat_str=pattern,
                 mergeable_ranks=ranks,
-                special_tokens={EOT: self.eot_id},
+                special_tokens={EOT: self.eos_id},
                 explicit_n_vocab=self.vocab_size,
             )
         except ValueError as e:  # e.g. a split pattern the Rust regex engine rejects
@@ -148,7 +149,7 @@ class BytePairTokenizer(Tokenizer):
         # The ranks in tiktoken's own file format, so this text could also be saved as
         # a .tiktoken file and loaded by gpt2_tokenizer(...) or tiktoken itself.
         return {"kind": self.kind, "pattern": self.pattern, "ranks": ranks_to_text(self.ranks),
-                "special_tokens": {EOT: self.eot_id}}
+                "special_tokens": {EOT: self.eos_id}}
 
 
 def ranks_to_text(ranks: dict[bytes, int]) -> str:
@@ -327,10 +328,8 @@ def tokenizer_from_dict(d) -> Tokenizer:
 
 def save_tokenizer(tokenizer: Tokenizer, path: str):
     """Write the tokenizer as JSON, atomically (a crash never leaves half a file)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(tokenizer.to_dict(), f)  # ASCII escapes: safe for any character
-    os.replace(tmp, path)
 
 
 def load_tokenizer(path: str) -> Tokenizer:

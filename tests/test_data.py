@@ -14,7 +14,7 @@ import torch
 import data.prepare as prepare_module
 from data.loader import BatchLoader
 from data.prepare import prepare, stdlib_files, token_dtype
-from model.cli import UserError
+from model.errors import UserError
 from model.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,7 +33,7 @@ def decoded_documents(data_dir, split):
     ids = read_split(data_dir, split).tolist()
     documents, current = [], []
     for i in ids:
-        if i == tok.eot_id:
+        if i == tok.eos_id:
             documents.append(tok.decode(current))
             current = []
         else:
@@ -69,7 +69,7 @@ def test_file_prepares_train_and_val_that_decode_back_to_the_text(tmp_path, caps
     # One document: the text is cut at the 90% point, moved to just after the next newline.
     assert train + val == POEM and train.endswith("\n")
     assert len(POEM) * 0.9 <= len(train) < len(POEM) * 0.9 + 60
-    assert meta["split_by"] == "text" and meta["documents"] == 1 and meta["eot_id"] is None
+    assert meta["split_by"] == "text" and meta["documents"] == 1 and meta["eos_id"] is None
     assert meta["tokenizer"] == "char" and meta["vocab_size"] == len(set(POEM)) and meta["source"] == str(source)
     assert "prepared" in capsys.readouterr().err  # diagnostics go to stderr
 
@@ -102,7 +102,7 @@ def test_folder_is_split_by_document_every_tenth_to_val_with_eot_after_each(tmp_
     assert decoded_documents(data_dir, "train") == [t for i, t in enumerate(texts) if i % 10 != 9]
     # <|endoftext|> separators carry no text: the byte counts add up to the files' bytes alone.
     assert meta["train_bytes"] + meta["val_bytes"] == sum(len(t.encode("utf-8")) for t in texts)
-    assert meta["eot_id"] == meta["vocab_size"] - 1  # a tiny corpus may run out of merges before 300
+    assert meta["eos_id"] == meta["vocab_size"] - 1  # a tiny corpus may run out of merges before 300
     assert meta["train_tokens"] == read_split(data_dir, "train").size
 
 
@@ -119,7 +119,7 @@ def test_a_document_cut_by_the_text_split_keeps_one_eot_at_its_true_end(tmp_path
     prepare("poem", input=str(source), tokenizer="bpe", vocab_size=280, data_root=str(tmp_path))
     tok = load_tokenizer(tmp_path / "poem" / "tokenizer.json")
     train, val = read_split(tmp_path / "poem", "train").tolist(), read_split(tmp_path / "poem", "val").tolist()
-    assert tok.eot_id not in train and val[-1] == tok.eot_id and val.count(tok.eot_id) == 1
+    assert tok.eos_id not in train and val[-1] == tok.eos_id and val.count(tok.eos_id) == 1
     assert tok.decode(train) + tok.decode(val[:-1]) == POEM
 
 

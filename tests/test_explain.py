@@ -14,7 +14,8 @@ import plot
 from conftest import TINY_MODEL, assert_clean_error, learnable_corpus
 from conftest import run_script as run_script_threaded
 from model.checkpoint import load_checkpoint, model_from_checkpoint
-from model.cli import UserError, parse_config
+from model.cli import parse_config
+from model.errors import UserError
 from model.gpt import GPT, GPTConfig
 from model.tokenizer import train_bpe
 

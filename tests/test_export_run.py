@@ -178,8 +178,8 @@ def test_the_file_starts_with_the_documented_header(models):
     data = (models["llama", "bpe"] / "model.bin").read_bytes()
     magic, version, arch, vocab_size, block_size, n_layer, n_head, n_embd = struct.unpack_from("<8s7I", data)
     assert (magic, version, arch, block_size, n_layer, n_head, n_embd) == (b"GPTMODEL", 1, 1, 32, 2, 2, 32)
-    kind, eot_id, pattern_length = struct.unpack_from("<IiI", data, 48)
-    assert (kind, eot_id, data[60:60 + pattern_length].decode()) == (1, vocab_size - 1, GPT2_SPLIT_PATTERN)
+    kind, eos_id, pattern_length = struct.unpack_from("<IiI", data, 48)
+    assert (kind, eos_id, data[60:60 + pattern_length].decode()) == (1, vocab_size - 1, GPT2_SPLIT_PATTERN)
 
 
 def test_bad_model_files_and_prompts_are_refused_clearly(models, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import tiktoken.load
 
 from model import tokenizer as tokenizer_module
-from model.cli import UserError
+from model.errors import UserError
 from model.tokenizer import (
     EOT,
     char_tokenizer_from_text,
@@ -89,7 +89,7 @@ def gpt2_file(tmp_path_factory, bpe):
 
 def test_char_vocabulary_is_the_sorted_set_of_characters():
     tok = char_tokenizer_from_text("hello, world")
-    assert tok.kind == "char" and tok.eot_id is None
+    assert tok.kind == "char" and tok.eos_id is None
     assert tok.chars == sorted(set("hello, world"))
     assert tok.vocab_size == len(set("hello, world"))
     assert tok.encode("hello") == [tok.chars.index(c) for c in "hello"]
@@ -124,7 +124,7 @@ def test_char_empty_text_is_refused():
 def test_bpe_vocab_size_is_exact_and_eot_is_the_last_id(bpe):
     assert bpe.kind == "bpe"
     assert bpe.vocab_size == 400
-    assert bpe.eot_id == 399
+    assert bpe.eos_id == 399
     assert bpe.token_bytes(399) == EOT.encode()
     # the 256 single bytes come first, rank = byte value
     assert [bpe.token_bytes(i) for i in range(256)] == [bytes([b]) for b in range(256)]
@@ -169,7 +169,7 @@ def test_bpe_first_merges_on_a_handmade_corpus():
 def test_bpe_stops_early_when_the_corpus_has_no_more_pairs():
     tok = train_bpe(["ab"], vocab_size=1000)
     assert tok.vocab_size == 258  # 256 bytes + "ab" + <|endoftext|>
-    assert tok.eot_id == 257 and tok.token_bytes(256) == b"ab"
+    assert tok.eos_id == 257 and tok.token_bytes(256) == b"ab"
 
 
 def test_bpe_vocab_size_below_bytes_plus_eot_is_refused():
@@ -180,11 +180,11 @@ def test_bpe_vocab_size_below_bytes_plus_eot_is_refused():
 def test_eot_in_user_text_is_ordinary_text_but_one_token_on_the_special_path(bpe):
     text = f"first{EOT}second"
     ordinary = bpe.encode(text)
-    assert bpe.eot_id not in ordinary
+    assert bpe.eos_id not in ordinary
     assert bpe.decode(ordinary) == text
     special = bpe.encode(text, allow_special=True)
-    assert special.count(bpe.eot_id) == 1
-    assert special == bpe.encode("first") + [bpe.eot_id] + bpe.encode("second")
+    assert special.count(bpe.eos_id) == 1
+    assert special == bpe.encode("first") + [bpe.eos_id] + bpe.encode("second")
     assert bpe.decode(special) == text
 
 
@@ -213,11 +213,11 @@ def test_decode_accepts_numpy_ids(bpe):
 def test_gpt2_tokenizer_loads_a_tiktoken_file_and_round_trips(gpt2_file, bpe):
     tok = gpt2_tokenizer(str(gpt2_file))
     assert tok.kind == "gpt2"
-    assert tok.vocab_size == bpe.vocab_size and tok.eot_id == bpe.eot_id
+    assert tok.vocab_size == bpe.vocab_size and tok.eos_id == bpe.eos_id
     for text in TRICKY_TEXTS + random_texts(50, seed=7):
         assert tok.decode(tok.encode(text)) == text
         assert tok.encode(text) == bpe.encode(text)
-    assert tok.encode(EOT, allow_special=True) == [tok.eot_id]
+    assert tok.encode(EOT, allow_special=True) == [tok.eos_id]
 
 
 def test_gpt2_file_reads_the_same_ranks_as_tiktokens_loader(gpt2_file, monkeypatch):
@@ -258,7 +258,7 @@ def all_kinds(bpe, gpt2_file):
 
 
 def assert_same_tokenizer(a, b):
-    assert (a.kind, a.vocab_size, a.eot_id) == (b.kind, b.vocab_size, b.eot_id)
+    assert (a.kind, a.vocab_size, a.eos_id) == (b.kind, b.vocab_size, b.eos_id)
     assert [a.token_bytes(i) for i in range(a.vocab_size)] == [b.token_bytes(i) for i in range(b.vocab_size)]
     text = "".join(CORPUS)
     assert a.encode(text) == b.encode(text)

@@ -1,0 +1,28 @@
+"""Writing a user's files so that a crash or a full disk never leaves half a file behind.
+
+Every file this project writes (checkpoints, prepared data, tokenizers, model.bin, pictures,
+exported models) goes through `atomic_write`: the bytes go to a temporary file in the same
+folder, which replaces the target with os.replace only once it is complete. os.replace is
+atomic on POSIX and Windows when both names are on one file system, which the same folder
+guarantees. On any failure the temporary file is removed and the old file stays as it was.
+"""
+
+import contextlib
+import os
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb", **open_options):
+    """`with atomic_write(path) as f: ...` writes f to path only if the block succeeds."""
+    path = os.fspath(path)
+    directory, name = os.path.split(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    # hidden, and unique per process, so two writers never share a temporary file
+    temporary = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, mode, **open_options) as f:
+            yield f
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)

@@ -2,6 +2,9 @@
 
     python export.py --out_dir=out                 # out/ckpt.pt -> out/model.bin
     python run.py out/model.bin --prompt="def "    # no torch needed from here on
+    python export.py --out_dir=out-lora --format=peft --output=adapter   # a LoRA run's adapter for peft
+
+A LoRA run's out_dir exports the merged model (its base with the adapter added in).
 
 The file holds a small header (the model's sizes), the tokenizer (every token's bytes),
 then every weight as little-endian float32, in the order run.weight_layout lists them.
@@ -9,6 +12,7 @@ The layout is defined once, by its reader, so the two can never disagree. README
 describes the format byte by byte.
 """
 
+import json
 import math
 import os
 import struct
@@ -17,19 +21,22 @@ from dataclasses import dataclass
 
 import torch
 
+from model import lora
 from model.checkpoint import load_checkpoint, model_from_checkpoint
 from model.cli import field, main_guard, parse_config
 from model.errors import UserError
 from model.files import atomic_write
 from run import ARCHS, HEADER, MAGIC, TOKENIZER_KINDS, VERSION, Config, weight_layout
 
-USAGE = "usage: python export.py [--out_dir=out] [--output=out/model.bin]"
+USAGE = "usage: python export.py [--out_dir=out] [--format=bin|peft] [--output=out/model.bin]"
+FORMATS = ("bin", "peft")
 
 
 @dataclass
 class ExportConfig:
     out_dir: str = field("out", "folder with ckpt.pt (or the path of a checkpoint file)")
-    output: str = field("", "file to write ('' = model.bin next to the checkpoint)")
+    output: str = field("", "file (bin) or folder (peft) to write ('' = model.bin or adapter/ next to the checkpoint)")
+    format: str = field("bin", "bin: model.bin for run.py | peft: a LoRA run's adapter for the peft library")
 
 
 def length_prefixed(data: bytes) -> bytes:
@@ -69,11 +76,42 @@ def export_model(model, tokenizer, path):
             f.write(tensor.detach().to(torch.float32).cpu().numpy().astype("<f4").tobytes())
 
 
+def export_peft(checkpoint, folder):
+    """A LoRA run's adapter as adapter_config.json + adapter_model.safetensors (the adapter
+    alone: peft puts it onto the base's weights in transformers)."""
+    from safetensors.torch import save as safetensors_bytes
+
+    config, tensors = lora.peft_adapter(checkpoint["model"], checkpoint["model_config"], checkpoint["lora"])
+    if os.path.isfile(folder):
+        raise UserError(f"--output={folder} is a file; --format=peft writes a folder")
+    with atomic_write(os.path.join(folder, "adapter_model.safetensors")) as f:
+        f.write(safetensors_bytes({name: t.float().contiguous() for name, t in tensors.items()}))
+    with atomic_write(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return sum(t.numel() for t in tensors.values())
+
+
 def main():
     cfg = parse_config(ExportConfig, sys.argv[1:], USAGE)
+    if cfg.format not in FORMATS:
+        raise UserError(f"unknown --format={cfg.format}: use {' or '.join(FORMATS)}")
     checkpoint = load_checkpoint(cfg.out_dir, map_location="cpu")
-    model, tokenizer = model_from_checkpoint(checkpoint)
     checkpoint_dir = cfg.out_dir if os.path.isdir(cfg.out_dir) else os.path.dirname(cfg.out_dir)
+    if cfg.format == "peft":
+        if "lora" not in checkpoint:
+            raise UserError(f"{cfg.out_dir} is not a LoRA run: --format=peft exports an adapter "
+                            "(train one with --lora_rank=8)")
+        output = cfg.output or os.path.join(checkpoint_dir, "adapter")
+        try:
+            n_params = export_peft(checkpoint, output)
+        except OSError as e:
+            raise UserError(f"cannot write {output}: {e.strerror}") from None
+        print(f"wrote {output}/adapter_config.json and adapter_model.safetensors: {n_params:,} adapter parameters "
+              f"for the base {checkpoint['lora']['base']}")
+        print("load it in transformers onto the base's --format=hf export: "
+              f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_EXPORT), {output!r})")
+        return
+    model, tokenizer = model_from_checkpoint(checkpoint)
     output = cfg.output or os.path.join(checkpoint_dir, "model.bin")
     if os.path.isdir(output):
         raise UserError(f"--output={output} is a folder; give a file name such as {os.path.join(output, 'model.bin')}")

@@ -234,6 +234,8 @@ def peft_adapter(adapter_state, model_config, lora_settings):
                     adapter_state[f"{ours}.{target}.lora_B.full"], rank)
 
     modules = sorted(ranks)
+    if len(set(ranks.values())) == 1:  # one rank for every module (GPT-2 with q,v only: 2r and 2 alpha)
+        rank, alpha = ranks[modules[0]], alphas[modules[0]]
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
               "lora_dropout": lora_settings["dropout"], "target_modules": modules, "bias": "none",
               # GPT-2's Conv1D stores weights as (in, out); peft then transposes B A when merging

@@ -138,7 +138,7 @@ def resolve_device(name):
 
 def read_prompt(prompt, tokenizer):
     """--prompt text, or FILE:path -> (token ids, the prompt's text). '' starts a fresh
-    document: the end-of-text token where the tokenizer has one, else a line break."""
+    document: the start (or else end) of document token where the tokenizer has one, else a line break."""
     if prompt.startswith("FILE:"):
         path = prompt[len("FILE:"):]
         try:
@@ -151,9 +151,11 @@ def read_prompt(prompt, tokenizer):
         if not prompt:
             raise UserError(f"prompt file {path} is empty")
     if prompt:
-        return tokenizer.encode(prompt), prompt
-    if tokenizer.eos_id is not None:
-        return [tokenizer.eos_id], ""
+        return tokenizer.encode_prompt(prompt), prompt
+    # a model that has a start-of-document token (Llama's BOS) was trained to begin with it
+    start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+    if start is not None:
+        return [start], ""
     try:
         return tokenizer.encode("\n"), "\n"  # a character model starts a document at a line break
     except UserError:

@@ -194,8 +194,9 @@ def test_old_checkpoint_configs_get_the_new_fields_defaults():
     assert GPTConfig(**__import__("dataclasses").asdict(config)) == config
 
 
-@pytest.fixture
-def bpe_data(tmp_path):
+@pytest.fixture(scope="module")
+def prepared_data(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("data")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(learnable_corpus(20_000) + "Ünïcödé 日本語 😀\n")
     data_root = tmp_path / "data"
@@ -206,13 +207,13 @@ def bpe_data(tmp_path):
 
 
 @pytest.mark.parametrize("arch,tokenizer", [("gpt2", "char"), ("llama", "bpe"), ("gpt2", "bpe"), ("llama", "char")])
-def test_a_model_trained_here_loads_in_transformers(bpe_data, tmp_path, arch, tokenizer):
+def test_a_model_trained_here_loads_in_transformers(prepared_data, tmp_path, arch, tokenizer):
     out = tmp_path / "out"
-    run_script("train.py", f"--dataset=tiny_{tokenizer}", f"--data_root={bpe_data}", f"--out_dir={out}",
-               f"--arch={arch}", "--max_iters=30", "--eval_interval=30", "--plot=false", *TINY_MODEL)
+    run_script("train.py", f"--dataset=tiny_{tokenizer}", f"--data_root={prepared_data}", f"--out_dir={out}",
+               f"--arch={arch}", "--max_iters=10", "--eval_interval=10", "--plot=false", *TINY_MODEL)
     run_script("export.py", f"--out_dir={out}", "--format=hf", f"--output={tmp_path / 'hf'}")
     model, hf_tokenizer = reference(str(tmp_path / "hf"))
-    prompt = "alpha bravo ü"
+    prompt = "alpha bravo ö"
     from model.checkpoint import load_model
 
     ours, our_tokenizer, _ = load_model("resume", str(out))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from model.checkpoint import GPT2_SIZES, load_checkpoint, load_model, model_from_checkpoint, save_checkpoint
 from model.cli import field, main_guard, parse_config, resolve_device
 from model.errors import UserError
 from model.gpt import GPT, GPTConfig
@@ -37,7 +37,7 @@ MODEL_FIELDS = ("arch", "n_layer", "n_head", "n_embd", "block_size", "vocab_pad_
 class TrainConfig:
     # where things go
     out_dir: str = field("out", "folder for ckpt.pt, log.jsonl and loss.png")
-    init_from: str = field("scratch", "scratch | resume (continue out_dir/ckpt.pt) | path/to/ckpt.pt (fine-tune from its weights)")
+    init_from: str = field("scratch", "scratch | resume (continue out_dir/ckpt.pt) | path/to/ckpt.pt (fine-tune from its weights) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | hf:<folder or owner/name>")
     dataset: str = field("pystdlib", "prepared data set in data_root/<dataset>/ (built-in ones are prepared on first use)")
     data_root: str = field("data", "folder holding prepared data sets")
     # the model
@@ -460,10 +460,15 @@ def main():
     checkpoint = None
     if cfg.init_from != "scratch":
         resume = cfg.init_from == "resume"
-        checkpoint = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt") if resume else cfg.init_from)
+        imported = cfg.init_from in GPT2_SIZES or cfg.init_from.startswith("hf:")
+        if imported:
+            checkpoint = imported_checkpoint(cfg.init_from)
+        else:
+            checkpoint = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt") if resume else cfg.init_from)
         # the model's shape comes from the checkpoint; asking for another one is a mistake
         saved_model = checkpoint["model_config"]
-        for name in MODEL_FIELDS:
+        fixed = [name for name in MODEL_FIELDS if not (imported and name == "block_size")]
+        for name in fixed:
             if name in given and getattr(cfg, name) != saved_model[name]:
                 raise UserError(f"cannot change {name} of a trained model (the checkpoint has {saved_model[name]})")
         saved_optimizer = checkpoint["config"].get("optimizer", "adamw")
@@ -474,10 +479,25 @@ def main():
         if resume:  # continue with the saved settings; only what was given now changes
             base.update({k: v for k, v in checkpoint["config"].items() if k in base})
             base.update({k: getattr(cfg, k) for k in given})
-        base.update({name: saved_model[name] for name in MODEL_FIELDS})
+        base.update({name: saved_model[name] for name in fixed})
+        if imported:
+            # a real model's context can be 131,072 tokens; fine-tuning trains on shorter
+            # sequences (--block_size, at most the model's own) and the model keeps its context
+            if base["block_size"] > saved_model["block_size"]:
+                raise UserError(f"--block_size can be at most the model's context, {saved_model['block_size']}")
+            if "block_size" not in given:
+                base["block_size"] = min(saved_model["block_size"], 1024)
         cfg = TrainConfig(**base)
     check_config(cfg)
     train(cfg, checkpoint)
+
+
+def imported_checkpoint(init_from):
+    """A GPT-2 or Hugging Face model as the start of a new run: a checkpoint at step 0 holding
+    its weights, shape and tokenizer, so training treats it like any checkpoint it fine-tunes."""
+    model, tokenizer, _ = load_model(init_from, out_dir=None)
+    return {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+            "tokenizer": tokenizer.to_dict(), "config": {}, "step": 0}
 
 
 def check_config(cfg):

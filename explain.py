@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model.checkpoint import load_checkpoint, lora_base_from_checkpoint, model_from_checkpoint
+from model.checkpoint import load_checkpoint, load_model, lora_base_from_checkpoint
 from model.cli import SamplingOptions, check_sampling_options, field, main_guard, parse_config, read_prompt, resolve_device
 from model.errors import UserError
 from model.files import atomic_write
@@ -492,10 +492,13 @@ def check_config(cfg):
 def explain(cfg):
     """Everything asked for, as one JSON-able dict (the tables are printed from it)."""
     device = resolve_device(cfg.device)
-    checkpoint = load_checkpoint(cfg.out_dir, map_location="cpu")
-    if cfg.compare_base and "lora" not in checkpoint:
-        raise UserError(f"--compare_base compares a LoRA run with its base, and {cfg.out_dir} is not a LoRA run")
-    model, tokenizer = model_from_checkpoint(checkpoint, device=device)
+    model, tokenizer, source = load_model(cfg.init_from, cfg.out_dir, device=device)
+    lora_checkpoint = {}
+    if cfg.compare_base:
+        if source["step"] is not None:  # a checkpoint trained here: it may hold an adapter
+            lora_checkpoint = load_checkpoint(source["path"])
+        if "lora" not in lora_checkpoint:
+            raise UserError(f"--compare_base compares a LoRA run with its base, and {source['path']} is not a LoRA run")
     model.eval()
     config = model.config
     for name, value, limit in (("layer", cfg.layer, config.n_layer), ("head", cfg.head, config.n_head)):
@@ -503,7 +506,8 @@ def explain(cfg):
             raise UserError(f"--{name}={value} is out of range: this model has {limit} {name}s "
                             f"(0..{limit - 1}, or -1 for all)")
 
-    doc = {"checkpoint": {"path": cfg.out_dir, "step": checkpoint["step"], "arch": config.arch,
+    doc = {"checkpoint": {"path": source["path"], "init_from": source["init_from"], "step": source["step"],
+                          "arch": config.arch,
                           "parameters": model.num_params(), "n_layer": config.n_layer, "n_head": config.n_head,
                           "n_embd": config.n_embd, "block_size": config.block_size,
                           "tokenizer": tokenizer.kind, "vocab_size": config.vocab_size}}
@@ -520,9 +524,9 @@ def explain(cfg):
                                                             residuals=cfg.logit_lens)
         doc["positions"], doc["summary"] = explain_prompt(logits, ids, tokenizer, cfg.top)
         if cfg.compare_base:
-            base_model, _ = lora_base_from_checkpoint(checkpoint)
+            base_model, _ = lora_base_from_checkpoint(lora_checkpoint)
             base_logits, _, _ = forward_with_internals(base_model.to(device).eval(), ids)
-            doc["compare_base"] = {"base": checkpoint["lora"]["base"],
+            doc["compare_base"] = {"base": lora_checkpoint["lora"]["base"],
                                    **compare_with_base(base_logits, logits, ids, tokenizer, cfg.top)}
         if cfg.generate:
             doc["generation"] = explain_generation(model, tokenizer, ids, cfg)

@@ -1,10 +1,13 @@
-"""Export a checkpoint as one flat file of numbers that run.py (numpy alone) can run.
+"""Export a checkpoint as one flat file of numbers that run.py (numpy alone) can run,
+or as a Hugging Face model folder that transformers loads.
 
     python export.py --out_dir=out                 # out/ckpt.pt -> out/model.bin
     python run.py out/model.bin --prompt="def "    # no torch needed from here on
+    python export.py --out_dir=out --format=hf --output=my-model   # AutoModelForCausalLM.from_pretrained("my-model")
     python export.py --out_dir=out-lora --format=peft --output=adapter   # a LoRA run's adapter for peft
 
-A LoRA run's out_dir exports the merged model (its base with the adapter added in).
+A LoRA run's out_dir exports the merged model (its base with the adapter added in), or with
+--format=peft the adapter alone.
 
 The file holds a small header (the model's sizes), the tokenizer (every token's bytes),
 then every weight as little-endian float32, in the order run.weight_layout lists them.
@@ -22,21 +25,23 @@ from dataclasses import dataclass
 import torch
 
 from model import lora
-from model.checkpoint import load_checkpoint, model_from_checkpoint
+from model.checkpoint import GPT2_SIZES, load_checkpoint, load_model
 from model.cli import field, main_guard, parse_config
 from model.errors import UserError
 from model.files import atomic_write
 from run import ARCHS, HEADER, MAGIC, TOKENIZER_KINDS, VERSION, Config, weight_layout
 
-USAGE = "usage: python export.py [--out_dir=out] [--format=bin|peft] [--output=out/model.bin]"
-FORMATS = ("bin", "peft")
+USAGE = "usage: python export.py [--out_dir=out] [--init_from=resume] [--format=bin|hf|peft] [--output=out/model.bin]"
+FORMATS = ("bin", "hf", "peft")
 
 
 @dataclass
 class ExportConfig:
     out_dir: str = field("out", "folder with ckpt.pt (or the path of a checkpoint file)")
-    output: str = field("", "file (bin) or folder (peft) to write ('' = model.bin or adapter/ next to the checkpoint)")
-    format: str = field("bin", "bin: model.bin for run.py | peft: a LoRA run's adapter for the peft library")
+    init_from: str = field("resume", "resume (the checkpoint in --out_dir) | path/to/ckpt.pt | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | hf:<folder or owner/name>")
+    format: str = field("bin", "bin (one file for run.py) | hf (a folder for transformers' from_pretrained) | "
+                        "peft (a LoRA run's adapter alone, for the peft library)")
+    output: str = field("", "file (bin) or folder (hf, peft) to write ('' = model.bin, hf/ or adapter/ next to the checkpoint)")
 
 
 def length_prefixed(data: bytes) -> bytes:
@@ -91,27 +96,47 @@ def export_peft(checkpoint, folder):
     return sum(t.numel() for t in tensors.values())
 
 
+def export_adapter(cfg):
+    """--format=peft: the adapter is in the LoRA run's checkpoint; its base is not needed."""
+    imported = cfg.init_from.startswith("hf:") or cfg.init_from in GPT2_SIZES
+    path = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
+    checkpoint = {} if imported else load_checkpoint(path, map_location="cpu")
+    if "lora" not in checkpoint:
+        raise UserError(f"{path} is not a LoRA run: --format=peft exports an adapter (train one with --lora_rank=8)")
+    checkpoint_dir = path if os.path.isdir(path) else os.path.dirname(path)
+    output = cfg.output or os.path.join(checkpoint_dir, "adapter")
+    try:
+        n_params = export_peft(checkpoint, output)
+    except OSError as e:
+        raise UserError(f"cannot write {output}: {e.strerror}") from None
+    print(f"wrote {output}/adapter_config.json and adapter_model.safetensors: {n_params:,} adapter parameters "
+          f"for the base {checkpoint['lora']['base']}")
+    print("load it in transformers onto the base's --format=hf export: "
+          f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_EXPORT), {output!r})")
+
+
 def main():
     cfg = parse_config(ExportConfig, sys.argv[1:], USAGE)
     if cfg.format not in FORMATS:
-        raise UserError(f"unknown --format={cfg.format}: use {' or '.join(FORMATS)}")
-    checkpoint = load_checkpoint(cfg.out_dir, map_location="cpu")
-    checkpoint_dir = cfg.out_dir if os.path.isdir(cfg.out_dir) else os.path.dirname(cfg.out_dir)
+        raise UserError(f"--format must be {', '.join(FORMATS[:-1])} or {FORMATS[-1]}, not {cfg.format!r}")
     if cfg.format == "peft":
-        if "lora" not in checkpoint:
-            raise UserError(f"{cfg.out_dir} is not a LoRA run: --format=peft exports an adapter "
-                            "(train one with --lora_rank=8)")
-        output = cfg.output or os.path.join(checkpoint_dir, "adapter")
+        export_adapter(cfg)
+        return
+    model, tokenizer, source = load_model(cfg.init_from, cfg.out_dir)
+    checkpoint_dir = cfg.out_dir if source["step"] is None else os.path.dirname(source["path"])
+    if cfg.format == "hf":
+        from model.hf import save_hf_model
+
+        output = cfg.output or os.path.join(checkpoint_dir, "hf")
         try:
-            n_params = export_peft(checkpoint, output)
+            save_hf_model(model, tokenizer, output)
         except OSError as e:
             raise UserError(f"cannot write {output}: {e.strerror}") from None
-        print(f"wrote {output}/adapter_config.json and adapter_model.safetensors: {n_params:,} adapter parameters "
-              f"for the base {checkpoint['lora']['base']}")
-        print("load it in transformers onto the base's --format=hf export: "
-              f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_EXPORT), {output!r})")
+        print(f"wrote {output}/: config.json, model.safetensors ({model.config.arch}, {model.num_params():,} "
+              f"parameters), tokenizer.json")
+        print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({output!r}), "
+              f"AutoTokenizer.from_pretrained({output!r})")
         return
-    model, tokenizer = model_from_checkpoint(checkpoint)
     output = cfg.output or os.path.join(checkpoint_dir, "model.bin")
     if os.path.isdir(output):
         raise UserError(f"--output={output} is a folder; give a file name such as {os.path.join(output, 'model.bin')}")

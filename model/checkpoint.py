@@ -5,6 +5,7 @@ half-written ckpt.pt, and read with torch.load(weights_only=True), which refuses
 code hidden in a file (plain pickles can).
 """
 
+import dataclasses
 import os
 
 import torch
@@ -70,11 +71,45 @@ def model_from_checkpoint(checkpoint, device="cpu", dropout=None):
     return model.to(device), tokenizer
 
 
+GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def load_model(init_from, out_dir, device="cpu"):
+    """The one way the scripts get a model: (model, tokenizer, source).
+
+    init_from: "resume" (out_dir/ckpt.pt, or out_dir itself when it is a file), a path to a
+    ckpt.pt, gpt2 | gpt2-medium | gpt2-large | gpt2-xl (OpenAI's weights on the Hugging Face
+    hub), or hf:<local folder> | hf:<owner/name>. `source` describes where the model came from,
+    for messages and JSON: {"init_from", "step" (None for an imported model), "path"}."""
+    if init_from in GPT2_SIZES:
+        init_from = f"hf:openai-community/{init_from}"
+    if init_from.startswith("hf:"):
+        from model.hf import load_hf_model, resolve_hf_folder  # only imported models need the hub
+
+        folder = resolve_hf_folder(init_from[len("hf:"):])
+        model, tokenizer = load_hf_model(folder)
+        return model.to(device), tokenizer, {"init_from": init_from, "step": None, "path": folder}
+    path = out_dir if init_from == "resume" else init_from
+    checkpoint = load_checkpoint(path, map_location="cpu")
+    model, tokenizer = model_from_checkpoint(checkpoint, device=device)
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    return model, tokenizer, {"init_from": init_from, "step": checkpoint["step"], "path": path}
+
+
 # ---- LoRA runs: an adapter and a reference to its base ----------------------------------------
 
 def load_base(reference, dropout=None):
-    """The base model a LoRA run names: a checkpoint path (model, tokenizer)."""
-    checkpoint = load_checkpoint(reference)
+    """The base model a LoRA run names (a checkpoint path, gpt2* or hf:...): (model, tokenizer)."""
+    if reference in GPT2_SIZES or reference.startswith("hf:"):
+        model, tokenizer, _ = load_model(reference, out_dir=None)
+        if dropout is None:
+            return model, tokenizer
+        # training: rebuilt with its dropout, as a checkpoint of the same weights
+        checkpoint = {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+                      "tokenizer": tokenizer.to_dict()}
+    else:
+        checkpoint = load_checkpoint(reference)
     return model_from_checkpoint(checkpoint, dropout=dropout)
 
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.errors import UserError
+from model.gpt import GPTConfig
 
 ATTENTION_SLICES = ("q", "k", "v")
 WHOLE_MATRICES = ("attn.c_proj", "mlp.c_fc", "mlp.c_gate", "mlp.c_proj")
@@ -104,7 +105,7 @@ class LoRALinear(nn.Module):
 def attention_rows(config):
     """Row ranges of q, k and v in the fused attn.c_attn weight."""
     q_size = config.n_head * config.head_size
-    kv_size = (getattr(config, "n_kv_head", 0) or config.n_head) * config.head_size
+    kv_size = config.n_kv_head * config.head_size
     return {"q": (0, q_size), "k": (q_size, q_size + kv_size), "v": (q_size + kv_size, q_size + 2 * kv_size)}
 
 
@@ -215,7 +216,7 @@ def peft_adapter(adapter_state, model_config, lora_settings):
     for layer in range(model_config["n_layer"]):
         ours = f"blocks.{layer}"
         if arch == "gpt2" and slices:
-            rows = attention_rows(_Shape(model_config))
+            rows = attention_rows(GPTConfig(**model_config))
             out_features = rows["v"][1]
             A = torch.cat([adapter_state[f"{ours}.attn.c_attn.lora_A.{s}"] for s in slices])
             B = torch.zeros(out_features, rank * len(slices), dtype=A.dtype)
@@ -245,11 +246,3 @@ def peft_adapter(adapter_state, model_config, lora_settings):
               "base_model_name_or_path": None, "modules_to_save": None, "use_rslora": False}
     return config, tensors
 
-
-class _Shape:
-    """The few GPTConfig fields attention_rows reads, from a checkpoint's model_config dict."""
-
-    def __init__(self, model_config):
-        self.n_head = model_config["n_head"]
-        self.n_kv_head = model_config.get("n_kv_head", 0)
-        self.head_size = model_config.get("head_size") or model_config["n_embd"] // model_config["n_head"]

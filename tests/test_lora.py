@@ -1,5 +1,6 @@
 """LoRA: a frozen base, small adapters trained and saved alone, merged for use."""
 
+import copy
 import hashlib
 import json
 import os
@@ -11,7 +12,8 @@ import torch
 
 from conftest import TINY_MODEL, assert_clean_error, learnable_corpus, run_script
 from model import lora
-from model.checkpoint import load_checkpoint, lora_model_from_checkpoint, model_from_checkpoint, save_checkpoint
+from model.checkpoint import (load_checkpoint, lora_base_from_checkpoint, lora_model_from_checkpoint,
+                              model_from_checkpoint, save_checkpoint)
 from model.gpt import GPT, GPTConfig
 
 # a base a little wider than the other tests' so that the adapter is a small part of it
@@ -104,9 +106,8 @@ def test_step_zero_is_exactly_the_base(arch):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_merged_and_unmerged_logits_agree(arch):
-    model = tiny_model(arch, n_kv_head=2) if arch == "llama" and "n_kv_head" in GPTConfig.__dataclass_fields__ \
-        else tiny_model(arch)
-    base_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    model = tiny_model(arch, n_kv_head=2) if arch == "llama" else tiny_model(arch)  # llama: grouped-query attention
+    base = copy.deepcopy(model)
     lora.add_lora(model, rank=4, alpha=8, dropout=0.0, targets=lora.parse_targets("all", arch))
     random_adapters(model)
     ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -118,18 +119,11 @@ def test_merged_and_unmerged_logits_agree(arch):
         unmerged_again, _ = model(ids)
     assert (merged - unmerged).abs().max() < 1e-5
     assert (unmerged_again - unmerged).abs().max() < 1e-5
-    assert (merged - base_weights_logits(base_weights, arch, ids)).abs().max() > 1e-3  # the adapter does something
-    plain = lora.merge_and_remove(model)
-    assert not lora.lora_layers(plain) and set(plain.state_dict()) == set(base_weights)
     with torch.no_grad():
+        assert (merged - base(ids)[0]).abs().max() > 1e-3  # the adapter does something
+        plain = lora.merge_and_remove(model)
+        assert not lora.lora_layers(plain) and set(plain.state_dict()) == set(base.state_dict())
         assert (plain(ids)[0] - unmerged).abs().max() < 1e-5
-
-
-def base_weights_logits(state, arch, ids):
-    model = tiny_model(arch)
-    model.load_state_dict(state)
-    with torch.no_grad():
-        return model(ids)[0]
 
 
 def test_the_optimizer_receives_only_the_adapter():
@@ -237,67 +231,27 @@ def test_explain_compare_base_shows_both_models_side_by_side(runs):
 
 # ---- peft, the outside reference --------------------------------------------------------------
 
-def transformers_model(model):
-    """transformers' own model class holding our base's weights."""
-    import transformers
-
-    c = model.config
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("lm_head")}
-    state["wte.weight"] = state["wte.weight"][:c.vocab_size]
-    if c.arch == "gpt2":
-        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
-            activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-        # GPT-2's Conv1D stores (in, out): our linear weights transposed
-        renamed = {"transformer." + k.replace("blocks.", "h."): v.t() if k.endswith(
-            ("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v for k, v in state.items()}
-    else:
-        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.mlp_hidden,
-            num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_head,
-            max_position_embeddings=c.block_size, rms_norm_eps=1e-5, rope_theta=c.rope_theta,
-            tie_word_embeddings=True, attention_bias=False, mlp_bias=False))
-        renamed = {}
-        for k, v in state.items():
-            k = k.replace("blocks.", "model.layers.").replace("wte.", "model.embed_tokens.")
-            k = k.replace("ln_f.", "model.norm.").replace("ln_1.", "input_layernorm.")
-            k = k.replace("ln_2.", "post_attention_layernorm.").replace("attn.c_proj", "self_attn.o_proj")
-            k = k.replace("mlp.c_gate", "mlp.gate_proj").replace("mlp.c_fc", "mlp.up_proj")
-            k = k.replace("mlp.c_proj", "mlp.down_proj")
-            if "attn.c_attn" in k:
-                for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3)):
-                    renamed[k.replace("attn.c_attn", f"self_attn.{name}")] = part
-            else:
-                renamed[k] = v
-    missing, unexpected = hf.load_state_dict(renamed, strict=False)
-    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
-    hf.tie_weights()
-    return hf.eval()
-
-
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_the_peft_export_gives_the_same_logits_in_transformers_and_peft(runs, arch):
+    """The adapter alone, loaded by peft onto the base's --format=hf export: the outside reference."""
     peft = pytest.importorskip("peft")
-    out_dir = getattr(runs, f"lora_{arch}")
-    adapter_dir = runs.root / f"peft-{arch}"
+    import transformers
+
+    out_dir, base_dir = getattr(runs, f"lora_{arch}"), getattr(runs, f"base_{arch}")
+    adapter_dir, base_hf = runs.root / f"peft-{arch}", runs.root / f"hf-{arch}"
     run_script("export.py", f"--out_dir={out_dir}", "--format=peft", f"--output={adapter_dir}")
+    run_script("export.py", f"--out_dir={base_dir}", "--format=hf", f"--output={base_hf}")
     assert sorted(os.listdir(adapter_dir)) == ["adapter_config.json", "adapter_model.safetensors"]
     checkpoint = load_checkpoint(out_dir)
-    base, tokenizer = load_checkpoint_base(checkpoint)
-    merged, _ = model_from_checkpoint(checkpoint)
+    merged, tokenizer = model_from_checkpoint(checkpoint)
+    base, _ = lora_base_from_checkpoint(checkpoint)
     ids = torch.tensor([tokenizer.encode("alpha bravo charlie delta echo")])
     with torch.no_grad():
-        peft_model = peft.PeftModel.from_pretrained(transformers_model(base), str(adapter_dir)).eval()
-        reference = peft_model(ids).logits
+        hf_base = transformers.AutoModelForCausalLM.from_pretrained(base_hf).eval()
+        reference = peft.PeftModel.from_pretrained(hf_base, str(adapter_dir)).eval()(ids).logits
         ours = merged.eval()(ids)[0]
         assert (reference - ours).abs().max() < 1e-4
         assert (ours - base.eval()(ids)[0]).abs().max() > 1e-3  # the adapter changed something
-
-
-def load_checkpoint_base(checkpoint):
-    from model.checkpoint import lora_base_from_checkpoint
-
-    return lora_base_from_checkpoint(checkpoint)
 
 
 # ---- bad input --------------------------------------------------------------------------------

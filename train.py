@@ -100,10 +100,13 @@ def learning_rate_at(step, cfg):
 def make_optimizer(model, cfg, device_type):
     """AdamW for every parameter, or (--optimizer=muon) Muon for the blocks' weight matrices and
     AdamW for the rest."""
+    # only what trains: a LoRA run's frozen base needs no optimizer state
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     muon_matrices = []
     if cfg.optimizer == "muon":
-        muon_matrices = [p for name, p in named if name.startswith("blocks.") and p.dim() == 2]
+        # LoRA's adapters stay with AdamW: Muon orthogonalises the update of a whole weight matrix,
+        # and an adapter's thin A and B are not one
+        muon_matrices = [p for name, p in named if name.startswith("blocks.") and p.dim() == 2 and ".lora_" not in name]
     adamw = [p for _, p in named if not any(p is q for q in muon_matrices)]
     # Weight decay pulls matrices towards zero; doing that to biases, norms' gains or
     # 1-D parameters only hurts, so they get none.

@@ -84,7 +84,7 @@ class TrainConfig:
     dtype: str = field("auto", "auto (bfloat16 on CUDA, else float32) | float32 | bfloat16 | float16")
     compile: bool = field(False, "torch.compile the model (faster on GPU; slow to start)")
     seed: int = field(1337, "seed for initialisation, dropout and the batch order")
-    plot: bool = field(True, "draw out_dir/loss.png at every evaluation (needs matplotlib)")
+    plot: bool = field(True, "redraw out_dir/loss.png at evaluations, at most every 30 s and at the end (needs matplotlib)")
 
 
 def learning_rate_at(step, cfg):
@@ -355,6 +355,7 @@ def train(cfg, checkpoint=None):
 
     progress = tqdm(total=cfg.max_iters, initial=step, disable=not is_master, dynamic_ncols=True, unit="step")
     timer, tokens_since = time.time(), 0
+    run_started, plotted_at = time.time(), 0.0
     while True:
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             if step != last_eval_step:  # (a resumed run may have been evaluated at this step already)
@@ -367,9 +368,13 @@ def train(cfg, checkpoint=None):
                     progress.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
                                    f"val bpb {val_bpb:.4f}", file=sys.stderr)
                 log({"step": step, "tokens": step * tokens_per_step, "train_loss": losses["train"],
-                     "val_loss": losses["val"], "val_bpb": val_bpb, "lr": learning_rate_at(step, cfg)})
-                if is_master and cfg.plot:
+                     "val_loss": losses["val"], "val_bpb": val_bpb, "lr": learning_rate_at(step, cfg),
+                     "elapsed_s": round(time.time() - run_started, 2)})
+                # Drawing costs a fraction of a second (more for the first, which imports
+                # matplotlib): at most every 30 s, and always at the end, keeps short runs fast.
+                if is_master and cfg.plot and (time.time() - plotted_at > 30 or step == cfg.max_iters):
                     draw_loss_plot(cfg.out_dir)
+                    plotted_at = time.time()
                 if step > start_step or step == cfg.max_iters:
                     save()
             timer, tokens_since = time.time(), 0  # evaluation time is not training time

@@ -2,7 +2,7 @@
 
     python bench.py                       # everything, printed as one table
     python bench.py --json                # the same figures as JSON
-    python bench.py --sections=generate   # only some: train, generate, runpy, tokenizer, lora
+    python bench.py --sections=generate   # only some: train, generate, runpy, tokenizer, hf, lora
     python bench.py --train_config=configs/gpt2_124m.toml --compile_too   # a GPU training figure
 
 What it measures:
@@ -12,6 +12,9 @@ What it measures:
              at a context of 256 and of 1024, for a 6-layer, 384-wide model
   runpy      tokens/s of run.py (numpy only) on the same model and prompt as sample.py's
   tokenizer  time to train a 4096-token BPE on the default corpus, and encoding throughput
+  hf         imported GPT-2 shapes (random weights saved by transformers, no download): import
+             time and peak memory for 124M and 350M, and greedy generation of the 124M model
+             here against transformers' own generate on the same weights
   lora       full fine-tuning against LoRA (r=8 on q,v) on the same base: step time and peak
              memory of a GPT-2-124M-shaped model (random weights, each in its own process),
              checkpoint sizes, and the val loss on a fine-tuning set (the standard library's
@@ -39,8 +42,8 @@ from model.checkpoint import save_checkpoint
 from model.gpt import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-USAGE = "usage: python bench.py [--sections=train,generate,runpy,tokenizer,lora] [--json] [--field=value ...]"
-SECTIONS = ("train", "generate", "runpy", "tokenizer", "lora")
+USAGE = "usage: python bench.py [--sections=train,generate,runpy,tokenizer,hf,lora] [--json] [--field=value ...]"
+SECTIONS = ("train", "generate", "runpy", "tokenizer", "hf", "lora")
 
 # The training shapes of the CPU benchmark: the Shakespeare CPU recipe's model, and the
 # well-known GPU recipe's model at a short batch.
@@ -52,7 +55,7 @@ TRAIN_SHAPES = {
 
 @dataclass
 class BenchConfig:
-    sections: str = field("train,generate,runpy,tokenizer", "comma-separated sections to run")
+    sections: str = field("train,generate,runpy,tokenizer", "comma-separated sections to run (also: hf, lora)")
     device: str = field("auto", "auto | cpu | cuda | mps")
     repeats: int = field(3, "timed repeats per figure (the median is reported)")
     train_steps: int = field(40, "training steps per measurement (the first 10 are warm-up)")
@@ -182,6 +185,73 @@ def bench_bpe(cfg, rows):
     seconds = median_time(lambda: tokenizer.encode_batch(documents), cfg.repeats)
     rows.append(("BPE encoding", "encode_batch, the same corpus", megabytes / seconds, "MB/s"))
 
+
+# GPT-2 small and medium, as transformers' GPT2Config calls the sizes
+HF_SHAPES = {"124M": dict(n_layer=12, n_head=12, n_embd=768), "350M": dict(n_layer=24, n_head=16, n_embd=1024)}
+IMPORT_PROBE = """
+import json, resource, sys, time
+from model.hf import load_hf_model
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Python, torch and our code
+started = time.perf_counter()
+model, _ = load_hf_model(sys.argv[1])
+seconds = time.perf_counter() - started
+print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "before_mb": before, "float32_mb": sum(p.numel() for p in model.parameters()) * 4 / 2**20}))
+"""
+
+
+def bench_hf(cfg, device, rows):
+    """Import cost (a fresh process per shape: its peak memory is the import's) and generation
+    speed against transformers, the reference implementation, on the same random weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from model.hf import load_hf_model
+
+    with tempfile.TemporaryDirectory() as directory:
+        for name, shape in HF_SHAPES.items():
+            folder = os.path.join(directory, name)
+            torch.manual_seed(0)
+            GPT2LMHeadModel(GPT2Config(**shape)).save_pretrained(folder)
+            # a byte-level tokenizer with no merges: the tokenizer plays no part in these figures
+            from model.tokenizer import BytePairTokenizer, tokenizer_json
+
+            with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+                json.dump(tokenizer_json(BytePairTokenizer("bpe", {bytes([i]): i for i in range(256)})), f)
+            probe = json.loads(run_command([sys.executable, "-c", IMPORT_PROBE, folder], "import").stdout)
+            rows.append(("import (hf: folder)", f"GPT-2 {name} shape, safetensors", probe["seconds"], "s"))
+            rows.append(("import peak memory", f"GPT-2 {name} shape ({probe['float32_mb']:,.0f} MiB float32)",
+                         probe["peak_rss_mb"], "MiB"))
+            # what the import itself adds, beyond the ~0.4 GB any process holding torch starts with
+            rows.append(("import memory / model size", f"GPT-2 {name} shape, peak minus the process before",
+                         (probe["peak_rss_mb"] - probe["before_mb"]) / probe["float32_mb"], "x"))
+        folder = os.path.join(directory, "124M")
+        ours, _ = load_hf_model(folder)
+        ours = ours.to(device)
+        theirs = GPT2LMHeadModel.from_pretrained(folder).to(device).eval()
+        prompt = torch.randint(0, 50257, (16,), generator=torch.Generator().manual_seed(1)).tolist()
+        new_tokens = max(2, cfg.new_tokens // 5)
+
+        def ours_first():
+            next(ours.generate(prompt, 1, temperature=0))
+
+        def ours_all():
+            for _ in ours.generate(prompt, new_tokens, temperature=0):
+                pass
+
+        input_ids = torch.tensor([prompt], device=device)
+
+        def theirs_generate(count):
+            with torch.no_grad():  # greedy, and never stopping early at an end-of-text token
+                theirs.generate(input_ids, max_new_tokens=count, min_new_tokens=count, do_sample=False,
+                                pad_token_id=0)
+
+        speeds = {}
+        for who, first, whole in (("here", ours_first, ours_all),
+                                  ("transformers", lambda: theirs_generate(1), lambda: theirs_generate(new_tokens))):
+            rows.append(("GPT-2 124M time to first token", f"{who}, 16-token prompt", median_time(first, cfg.repeats), "s"))
+            speeds[who] = new_tokens / median_time(whole, cfg.repeats)
+            rows.append(("GPT-2 124M greedy generation", f"{who}, {new_tokens} new tokens", speeds[who], "tok/s"))
+        rows.append(("generation here vs transformers", "GPT-2 124M", speeds["here"] / speeds["transformers"], "x"))
 
 # ---- full fine-tuning against LoRA -------------------------------------------------------------
 
@@ -367,6 +437,8 @@ def main():
         bench_runpy(cfg, rows, results)
     if "tokenizer" in sections:
         bench_bpe(cfg, rows)
+    if "hf" in sections:
+        bench_hf(cfg, device, rows)
     if "lora" in sections:
         bench_lora(cfg, device, rows)
     machine = machine_description(device)

@@ -10,11 +10,13 @@ tokenizer.json); transformers itself is never imported, so the runtime needs onl
 safetensors, tokenizers and huggingface_hub.
 """
 
+import contextlib
 import json
 import os
 import re
 
 import torch
+import torch.nn as nn
 
 from model.errors import UserError
 from model.files import atomic_write
@@ -212,6 +214,20 @@ class WeightFiles:
             raise UserError(f"cannot read tensor {name} from {self.file_of[name]} ({str(e)[:200]})") from None
 
 
+@contextlib.contextmanager
+def shapes_only():
+    """Build modules on the meta device (shapes, no memory). nn.Embedding's own random init is
+    skipped there: normal_ on meta tensors imports torch's compiler stack, seconds of start-up
+    for numbers that would be overwritten from the file anyway."""
+    reset = nn.Embedding.reset_parameters
+    nn.Embedding.reset_parameters = lambda self: None
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        nn.Embedding.reset_parameters = reset
+
+
 def load_hf_model(folder: str):
     """(our GPT in float32 on the CPU, its tokenizer) from a transformers model folder."""
     if not os.path.isdir(folder):
@@ -221,10 +237,15 @@ def load_hf_model(folder: str):
     weights = WeightFiles(folder)
     # Built on the meta device: no memory and no random init for weights about to be replaced;
     # to_empty then gives each parameter uninitialised float32 memory, filled tensor by tensor.
-    with torch.device("meta"):
+    with shapes_only():
         model = GPT(config)
-    model.to_empty(device="cpu")
-    if config.tie_embeddings:  # to_empty gives each module its own new tensor: tie them again
+    # (model.to_empty(device="cpu") would do this too, but empty_like on meta tensors imports sympy)
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            setattr(module, name, nn.Parameter(torch.empty(tuple(param.shape), dtype=param.dtype)))
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            setattr(module, name, torch.empty(tuple(buffer.shape), dtype=buffer.dtype))
+    if config.tie_embeddings:  # each module got its own new tensor: tie them again
         model.lm_head.weight = model.wte.weight
     if config.arch == "llama":
         model.rope_inv_freq.copy_(rope_frequencies(config))  # a buffer, not a weight: computed

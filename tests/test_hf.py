@@ -19,7 +19,7 @@ from model.gpt import GPT, GPTConfig, KVCache
 from model.hf import gpt_config, load_hf_model, save_hf_model
 
 transformers = pytest.importorskip("transformers")
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs!\n"
         "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"
@@ -127,6 +127,45 @@ def test_explain_json_probabilities_match_transformers(folders):
         assert [c["id"] for c in position["top"]] == indices.tolist()
         assert [c["prob"] for c in position["top"]] == pytest.approx(values.tolist(), abs=1e-5)
     assert doc["checkpoint"]["step"] is None and doc["checkpoint"]["init_from"] == f"hf:{folder}"
+
+
+def test_sentencepiece_style_tokenizers_stream_what_transformers_decodes(tmp_path):
+    """Llama 2 / TinyLlama style: '▁' marks a space, unknown characters fall back to <0xNN> byte
+    tokens, and the decoder strips the text's first space. Streaming token by token must still
+    give transformers' decoded text."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    tokenizer.train_from_iterator([TEXT.replace("日本語", "")], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    spec = json.loads(tokenizer.to_str())
+    size = len(spec["model"]["vocab"])
+    spec["model"]["vocab"].update({f"<0x{b:02X}>": size + b for b in range(256)})
+    folder = str(tmp_path / "sp")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**dict(LLAMA, vocab_size=size + 256))).save_pretrained(folder)
+    with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+        json.dump(spec, f)
+    prompt = "The fox 日本"  # 日本 is not in the vocabulary: six byte tokens
+    result = run_script("sample.py", f"--init_from=hf:{folder}", f"--prompt={prompt}", "--temperature=0",
+                        "--max_new_tokens=24", "--device=cpu")
+    model, their_tokenizer = reference(folder)
+    ours = load_hf_model(folder)[1]
+    inputs = their_tokenizer(prompt, return_tensors="pt")
+    prompt_ids = inputs["input_ids"][0].tolist()
+    assert prompt_ids[0] == 1 and ours.encode_prompt(prompt) == prompt_ids  # <s>, then the text
+    assert ours.decode(prompt_ids[1:]) == their_tokenizer.decode(prompt_ids, skip_special_tokens=True) == prompt
+    with torch.no_grad():
+        new = model.generate(**inputs, max_new_tokens=24, do_sample=False)[0, len(prompt_ids):].tolist()
+    if 2 in new:
+        new = new[:new.index(2)]
+    # Byte by byte (a run of byte tokens that is not valid UTF-8 shows as U+FFFD, where the
+    # tokenizers library would blank out the whole run, prompt bytes included)
+    assert result.stdout == prompt + ours.decode_bytes(new).decode("utf-8", errors="replace") + "\n"
+    if "\ufffd" not in their_tokenizer.decode(new):
+        assert result.stdout == their_tokenizer.decode(prompt_ids + new, skip_special_tokens=True) + "\n"
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -12,7 +12,7 @@ import socket
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import TINY_MODEL, assert_clean_error, learnable_corpus, run_script
 from model.gpt import GPT, GPTConfig, KVCache
@@ -204,6 +204,14 @@ def test_sharded_bf16_and_pytorch_bin_weights_load(folders, tmp_path):
     model, _ = load_hf_model(legacy)
     reference_model, _ = load_hf_model(folders["gpt2"])
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference_model.state_dict().values()))
+    # GPT-2's files on the hub name their tensors without the "transformer." prefix
+    unprefixed = str(tmp_path / "unprefixed")
+    shutil.copytree(folders["gpt2"], unprefixed)
+    tensors = load_file(os.path.join(unprefixed, "model.safetensors"))
+    save_file({name.removeprefix("transformer."): t for name, t in tensors.items()},
+              os.path.join(unprefixed, "model.safetensors"), metadata={"format": "pt"})
+    model, _ = load_hf_model(unprefixed)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference_model.state_dict().values()))
 
 
 def test_config_json_of_transformers_4_and_5_both_read(folders):
@@ -309,14 +317,15 @@ def closed_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("env", ["offline", "unreachable"])
-def test_a_hub_id_without_network_fails_within_seconds(tmp_path, env):
+@pytest.mark.parametrize("env,init_from,repo", [("offline", "hf:nobody/no-such-model", "nobody/no-such-model"),
+                                                ("unreachable", "hf:nobody/no-such-model", "nobody/no-such-model"),
+                                                ("offline", "gpt2-medium", "openai-community/gpt2-medium")])
+def test_a_hub_id_without_network_fails_within_seconds(tmp_path, env, init_from, repo):
     settings = {"HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     if env == "offline":
         settings["HF_HUB_OFFLINE"] = "1"
     else:
         settings.update(HF_HUB_OFFLINE="0", HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}")
-    result = run_script("sample.py", "--init_from=hf:nobody/no-such-model", "--device=cpu", check=False,
-                        env=settings, timeout=60)
+    result = run_script("sample.py", f"--init_from={init_from}", "--device=cpu", check=False, env=settings, timeout=60)
     assert_clean_error(result)
-    assert "nobody/no-such-model" in result.stderr
+    assert repo in result.stderr

@@ -308,8 +308,16 @@ def hf_state_dict(model) -> dict:
         sizes = [c.n_head * c.head_size, c.n_kv_head * c.head_size, c.n_kv_head * c.head_size]
         for name, part in zip(theirs, tensor.split(sizes) if len(theirs) > 1 else [tensor]):
             out[name] = part
-    # safetensors refuses views and shared memory: each tensor gets its own contiguous copy
-    return {name: tensor.contiguous().clone() for name, tensor in out.items()}
+    return {name: owned(tensor) for name, tensor in out.items()}
+
+
+def owned(tensor):
+    """safetensors stores only tensors that own their memory: transposes and slices get a copy,
+    whole parameters are written as they are (exporting a big model needs little extra memory)."""
+    tensor = tensor.contiguous()
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        tensor = tensor.clone()  # a slice of a bigger tensor (c_attn's q/k/v, unpadded embedding rows)
+    return tensor
 
 
 def save_hf_model(model, tokenizer, folder: str):
@@ -323,7 +331,7 @@ def save_hf_model(model, tokenizer, folder: str):
         raise UserError(f"--output={folder} is a file; give a folder name for the Hugging Face model")
     # everything is computed before the first file is written: an error leaves nothing behind
     config = hf_config(model, tokenizer)
-    weights = safetensors.torch.save(hf_state_dict(model), metadata={"format": "pt"})
+    weights = hf_state_dict(model)
     token_name = lambda id: None if id is None else tokenizer.token_bytes(id).decode("utf-8", errors="replace")
     files = {
         "config.json": config,
@@ -335,7 +343,8 @@ def save_hf_model(model, tokenizer, folder: str):
                                   "clean_up_tokenization_spaces": False},
     }
     with atomic_write(os.path.join(folder, "model.safetensors")) as f:
-        f.write(weights)
+        # safetensors writes the file itself, tensor by tensor, by name: the temporary file's
+        safetensors.torch.save_file(weights, f.name, metadata={"format": "pt"})
     for name, content in files.items():
         with atomic_write(os.path.join(folder, name), "w", encoding="utf-8") as f:
             json.dump(content, f, indent=2, ensure_ascii=False)

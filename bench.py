@@ -31,6 +31,7 @@ import torch
 
 from model.cli import field, main_guard, parse_config, resolve_device
 from model.errors import UserError
+from model.checkpoint import save_checkpoint
 from model.gpt import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -80,9 +81,7 @@ def bench_train(cfg, device, rows):
                            f"--max_iters={cfg.train_steps}", "--eval_interval=1000000000", "--eval_iters=1",
                            "--log_interval=5", "--sample_tokens=0", "--plot=false", f"--device={device}",
                            f"--compile={compiled}"]
-                result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-                if result.returncode != 0:
-                    raise UserError(f"training benchmark failed: {result.stderr.strip().splitlines()[-1]}")
+                run_command(command, "training")
                 with open(os.path.join(out_dir, "log.jsonl")) as f:
                     records = [json.loads(line) for line in f]
             steps = [r for r in records if "tokens_per_s" in r][warmup:]
@@ -120,33 +119,43 @@ def bench_generate(cfg, device, rows, results):
 
 
 def bench_runpy(cfg, rows, results):
-    """run.py on the same weights and prompt as sample.py's context-256 figure."""
-    import export
-    import run
-
+    """run.py on the same weights and prompt as sample.py's context-256 figure, run the way a
+    user runs it: export.py writes model.bin from a checkpoint, then run.py generates. run.py
+    reports its own generation time (after loading), which is what is compared."""
     model, prompt, new_tokens, torch_speed = results[256]
+    tokenizer = bench_tokenizer(model.config.vocab_size)
+    prompt_text = tokenizer.decode(prompt)  # one character per id: run.py reads back exactly these ids
     with tempfile.TemporaryDirectory() as directory:
-        path = os.path.join(directory, "model.bin")
-        export.export_model(model.cpu(), bench_tokenizer(), path)
-        numpy_model = run.load_model(path)
-
-        def run_once():
-            for _ in run.generate(numpy_model, prompt, new_tokens, temperature=1.0, seed=0):
-                pass
-        seconds = median_time(run_once, cfg.repeats)
-    speed = new_tokens / seconds
+        checkpoint = {"model": model.cpu().state_dict(), "model_config": dataclasses.asdict(model.config),
+                      "tokenizer": tokenizer.to_dict(), "config": {}, "step": 0}
+        save_checkpoint(checkpoint, os.path.join(directory, "ckpt.pt"))
+        run_command([sys.executable, "export.py", f"--out_dir={directory}"], "export")
+        speeds = []
+        for repeat in range(cfg.repeats + 1):  # the first is a warm-up
+            output = run_command([sys.executable, "run.py", os.path.join(directory, "model.bin"),
+                                  f"--prompt={prompt_text}", f"--max_new_tokens={new_tokens}", "--temperature=1.0",
+                                  "--seed=0"], "run.py")
+            if repeat:
+                speeds.append(float(output.stderr.rsplit(" s, ", 1)[1].split()[0]))
+    speed = statistics.median(speeds)
     rows.append(("run.py generation (numpy)", f"ctx 256, {new_tokens} new, KV cache", speed, "tok/s"))
     rows.append(("run.py vs sample.py", "ctx 256", speed / torch_speed, "x"))
 
 
-def bench_tokenizer():
-    """A 4096-id tokenizer to export with the generation model (run.py needs one in the file)."""
-    from model.tokenizer import BytePairTokenizer
+def bench_tokenizer(vocab_size):
+    """A character tokenizer with one (CJK) character per id, to export with the generation
+    model: any text made of them encodes back to exactly the ids it was decoded from."""
+    from model.tokenizer import CharTokenizer
 
-    ranks = {bytes([i]): i for i in range(256)}
-    for i in range(256, 4095):  # any distinct byte strings will do for timing
-        ranks[b"t%d" % i] = i
-    return BytePairTokenizer("bpe", ranks)
+    return CharTokenizer([chr(0x4E00 + i) for i in range(vocab_size)])
+
+
+def run_command(command, what):
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines() or ["(no output)"]
+        raise UserError(f"{what} benchmark failed: {lines[-1]}")
+    return result
 
 
 def bench_bpe(cfg, rows):

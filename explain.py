@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from model.checkpoint import load_checkpoint, model_from_checkpoint
-from model.cli import field, main_guard, parse_config, read_prompt, resolve_device
+from model.cli import SamplingOptions, check_sampling_options, field, main_guard, parse_config, read_prompt, resolve_device
 from model.errors import UserError
 from model.files import atomic_write
 from model.gpt import filter_logits, sample_next_token
@@ -36,22 +36,15 @@ MAX_JSON_ATTENTION = 4_000_000  # weights in a --json document (about 80 MB of t
 
 
 @dataclass
-class ExplainConfig:
-    out_dir: str = field("out", "folder with ckpt.pt (or the path of a checkpoint file)")
-    prompt: str = field("", "text to explain, or FILE:path to read it from a file ('' = start of a document)")
+class ExplainConfig(SamplingOptions):  # temperature, top_k, top_p and seed are for --generate
     top: int = field(5, "candidates shown per position (and neighbors shown per token)")
     generate: int = field(0, "also generate this many tokens, showing how each one was picked")
-    temperature: float = field(0.8, "for --generate: 0 = greedy; higher = more random (as in sample.py)")
-    top_k: int = field(0, "for --generate: sample only from the k most likely tokens (0 = all)")
-    top_p: float = field(1.0, "for --generate: sample only from the smallest set of tokens reaching probability p")
-    seed: int = field(1337, "for --generate: random seed")
     attention: str = field("", "draw the prompt's attention weights into this .png file (needs matplotlib)")
     layer: int = field(-1, "with --attention: draw only this layer (0-based; -1 = every layer)")
     head: int = field(-1, "with --attention: draw only this head (0-based; -1 = every head)")
     neighbors: str = field("", "show the tokens whose input embeddings are closest to this text's tokens")
     logit_lens: bool = field(False, "show what the model would predict if it stopped after each layer")
     json: bool = field(False, "print everything as one JSON document on stdout instead of tables")
-    device: str = field("auto", "auto | cpu | cuda | cuda:N | mps")
 
 
 # ---- tokens as text ------------------------------------------------------------------------
@@ -150,9 +143,9 @@ def explain_prompt(logits, ids, tokenizer, top):
 def describe_choice(logits, picked, cfg, tokenizer):
     """Why `picked` was chosen from these logits under --temperature/--top_k/--top_p.
 
-    The filters are sample.py's own (filter_logits): temperature reshapes the distribution,
-    top-k keeps the k most likely tokens, top-p then keeps the fewest tokens that reach
-    probability p. "mass" is the share of the tempered distribution a filter kept; the picked
+    The filters are the ones generation uses (model/gpt.py filter_logits): temperature
+    reshapes the distribution, top-k keeps the k most likely tokens, top-p then keeps the
+    fewest tokens that reach probability p. "mass" is the share of the tempered distribution a filter kept; the picked
     token's sampling probability is its share of what survived (renormalised)."""
     probs = logits.softmax(-1)
     vocab = probs.size(-1)
@@ -185,7 +178,8 @@ def describe_choice(logits, picked, cfg, tokenizer):
 
 @torch.no_grad()
 def explain_generation(model, tokenizer, ids, cfg):
-    """Generate cfg.generate tokens with sample.py's sampling function, describing each choice.
+    """Generate cfg.generate tokens with the model's sampling function (model/gpt.py
+    sample_next_token, as generation uses), describing each choice.
     The whole context is recomputed for every token (no KV cache): slower, and simpler to trust."""
     device = model.wte.weight.device
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -434,14 +428,11 @@ def print_logit_lens(lens):
 # ---- putting it together --------------------------------------------------------------------
 
 def check_config(cfg):
+    check_sampling_options(cfg)
     if cfg.top < 1:
         raise UserError(f"--top must be at least 1, got {cfg.top}")
     if cfg.generate < 0:
         raise UserError(f"--generate must be 0 or more, got {cfg.generate}")
-    if cfg.temperature < 0:
-        raise UserError(f"--temperature must be 0 or more, got {cfg.temperature}")
-    if cfg.top_k < 0 or not 0.0 < cfg.top_p <= 1.0:
-        raise UserError("--top_k must be 0 or more and --top_p in (0, 1]")
     if (cfg.layer != -1 or cfg.head != -1) and not cfg.attention:
         raise UserError("--layer and --head choose what --attention draws: add --attention=PATH.png")
     if cfg.attention:

@@ -16,33 +16,23 @@ from dataclasses import dataclass
 import torch
 
 from model.checkpoint import load_checkpoint, model_from_checkpoint
-from model.cli import field, main_guard, parse_config, read_prompt, resolve_device
+from model.cli import SamplingOptions, check_sampling_options, field, main_guard, parse_config, read_prompt, resolve_device
 from model.errors import UserError
 
 USAGE = "usage: python sample.py [--out_dir=out] [--prompt=TEXT|FILE:path] [--field=value ...]"
 
 
 @dataclass
-class SampleConfig:
-    out_dir: str = field("out", "folder with ckpt.pt (or the path of a checkpoint file)")
-    prompt: str = field("", "text to continue, or FILE:path to read it from a file ('' = start of a document)")
+class SampleConfig(SamplingOptions):
     num_samples: int = field(1, "how many samples to draw")
     max_new_tokens: int = field(500, "tokens to generate per sample")
-    temperature: float = field(0.8, "0 = greedy (always the most likely token); higher = more random")
-    top_k: int = field(0, "sample only from the k most likely tokens (0 = all)")
-    top_p: float = field(1.0, "sample only from the smallest set of tokens whose probability reaches p (1 = all)")
-    seed: int = field(1337, "random seed: the same seed gives the same text")
-    device: str = field("auto", "auto | cpu | cuda | cuda:N | mps")
     kv_cache: bool = field(True, "reuse keys/values of earlier positions (false = recompute the whole context per token)")
 
 
 def check_config(cfg):
+    check_sampling_options(cfg)
     if cfg.num_samples < 1 or cfg.max_new_tokens < 0:
         raise UserError("--num_samples must be at least 1 and --max_new_tokens 0 or more")
-    if cfg.temperature < 0:
-        raise UserError(f"--temperature must be 0 or more, got {cfg.temperature}")
-    if cfg.top_k < 0 or not 0.0 < cfg.top_p <= 1.0:
-        raise UserError("--top_k must be 0 or more and --top_p in (0, 1]")
 
 
 def main():

@@ -273,8 +273,7 @@ def train(cfg, checkpoint=None):
     step, best_val_loss, last_eval_step = 0, float("inf"), -1
     if resumed:
         optimizer.load_state_dict(checkpoint["optimizer"])
-        if "scaler" in checkpoint:
-            scaler.load_state_dict(checkpoint["scaler"])
+        scaler.load_state_dict(checkpoint["scaler"])
         step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
         last_eval_step = checkpoint["last_eval_step"]
         train_loader.load_state_dict(checkpoint["loader"])
@@ -313,14 +312,19 @@ def train(cfg, checkpoint=None):
                 "config": dataclasses.asdict(cfg), "step": step, "best_val_loss": best_val_loss,
                 "last_eval_step": last_eval_step,
                 "rng": rng_state(device_type), "loader": train_loader.state_dict(),
-                "tokenizer": tokenizer.to_dict(), "data_meta": meta}
+                "tokenizer": tokenizer.to_dict()}
 
     nonfinite_seen = torch.zeros((), dtype=torch.bool, device=device)  # checked without a sync per step
 
+    def diverged(detail=""):
+        """The one message for a loss that stopped being a number: nothing is saved over the last good checkpoint."""
+        progress.close()
+        return UserError(f"loss became NaN/inf by step {step}{detail}; stopped without saving, the last good "
+                         f"checkpoint in {cfg.out_dir} is kept. Try a lower --learning_rate or --grad_clip")
+
     def save():
         if bool(nonfinite_seen):
-            raise UserError(f"loss became NaN/inf by step {step}; the last good checkpoint in {cfg.out_dir} is kept. "
-                            "Try a lower --learning_rate or --grad_clip")
+            raise diverged()
         if is_master:
             save_checkpoint(checkpoint_now(), os.path.join(cfg.out_dir, "ckpt.pt"))
 
@@ -345,10 +349,7 @@ def train(cfg, checkpoint=None):
             if step != last_eval_step:  # (a resumed run may have been evaluated at this step already)
                 losses = evaluate(model, loaders, cfg.eval_iters, autocast, world_size)
                 if not all(math.isfinite(v) for v in losses.values()):
-                    progress.close()
-                    raise UserError(f"loss became NaN/inf by step {step} (val loss {losses['val']}); stopped without "
-                                    f"saving, the last good checkpoint in {cfg.out_dir} is kept. "
-                                    "Try a lower --learning_rate")
+                    raise diverged(f" (val loss {losses['val']})")
                 val_bpb = losses["val"] / math.log(2) / bytes_per_token
                 best_val_loss, last_eval_step = min(best_val_loss, losses["val"]), step
                 if is_master:
@@ -396,9 +397,7 @@ def train(cfg, checkpoint=None):
                 loss_value /= world_size
             loss_value = loss_value.item()  # the one host sync per log interval
             if not math.isfinite(loss_value):
-                progress.close()
-                raise UserError(f"loss is {loss_value} at step {step}; stopped without saving, the last good "
-                                f"checkpoint in {cfg.out_dir} is kept. Try a lower --learning_rate")
+                raise diverged(f" (training loss {loss_value})")
             tokens_per_s = tokens_since / max(time.time() - timer, 1e-9)
             timer, tokens_since = time.time(), 0
             record = {"step": step, "tokens": step * tokens_per_step, "loss": loss_value, "lr": lr,
@@ -446,7 +445,7 @@ def stop_agreed(stop_requested, distributed, at_log_step, device):
 
 def draw_loss_plot(out_dir):
     """Redraw loss.png from log.jsonl (skipped, with one note, when matplotlib is missing)."""
-    from plot import plot_log
+    from model.loss_plot import plot_log  # matplotlib is imported only when drawing
 
     try:
         plot_log(os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "loss.png"))

@@ -84,7 +84,7 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 STDLIB = "python:stdlib"  # the source of the pystdlib corpus
 BUILTINS = {  # name -> (default source, default tokenizer, default bpe vocabulary size)
     # pystdlib: a 1024-id BPE makes tokens of ~2.6 bytes (keywords and indentation become single
-    # tokens), so the 5-minute default run sees 2.6x more code than at one character per token.
+    # tokens), so the 4-minute default run sees 2.6x more code than at one character per token.
     "pystdlib": (STDLIB, "bpe", 1024),
     "shakespeare_char": (SHAKESPEARE_URL, "char", 0),
     "shakespeare": (SHAKESPEARE_URL, "gpt2", 0),

@@ -42,9 +42,10 @@ def load_checkpoint(path, map_location="cpu"):
         raise UserError(f"no checkpoint at {path} (train one first: python train.py)")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises many kinds for a damaged file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a readable checkpoint ({reason[:200]})") from None
+    except Exception as e:  # torch raises many kinds for a damaged file, with pages of advice
+        # torch's own message is long and written for code authors; the type is enough to search for
+        raise UserError(f"{path} is not a readable checkpoint: it is damaged or is not a torch checkpoint "
+                        f"({type(e).__name__})") from None
     if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in REQUIRED_KEYS):
         raise UserError(f"{path} is not a checkpoint of this project (missing model, config or tokenizer)")
     return checkpoint

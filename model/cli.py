@@ -52,12 +52,15 @@ def _check_toml_value(name, value, kind):
     raise UserError(f"{name} expects {kind.__name__}, got {value!r}")
 
 
-def help_text(config_class, usage):
+def help_text(config_class, usage, values=None):
+    """Every option with its type and doc. The value shown is the one that would run: the
+    preset's or the flag's where one was given (`values`), else the field's default."""
+    values = values or {}
     lines = [usage, "", "options (--name=value):"]
     hints = typing.get_type_hints(config_class)
     for f in dataclasses.fields(config_class):
         kind = hints[f.name].__name__
-        option = f"--{f.name}={f.default!r}"
+        option = f"--{f.name}={values.get(f.name, f.default)!r}"
         lines.append(f"  {option:<32} {kind:<5}  {f.metadata.get('doc', '')}")
     return "\n".join(lines)
 
@@ -68,9 +71,8 @@ def parse_config(config_class, argv, usage, allow_preset=False, return_given=Fal
     hints = typing.get_type_hints(config_class)
     names = {f.name for f in dataclasses.fields(config_class)}
     values = {}
-    if any(a in ("-h", "--help") for a in argv):
-        print(help_text(config_class, usage))
-        sys.exit(0)
+    wants_help = any(a in ("-h", "--help") for a in argv)
+    argv = [a for a in argv if a not in ("-h", "--help")]
     positional = [a for a in argv if not a.startswith("--")]
     flags = [a for a in argv if a.startswith("--")]
     if positional:
@@ -99,8 +101,31 @@ def parse_config(config_class, argv, usage, allow_preset=False, return_given=Fal
             else:
                 raise UserError(f"--{name} needs a value: --{name}=...")
         values[name] = _convert(name, text, hints[name])
+    if wants_help:  # after the preset and the flags, so that --help shows what would run
+        print(help_text(config_class, usage, values))
+        sys.exit(0)
     config = config_class(**values)
     return (config, set(values)) if return_given else config
+
+
+@dataclasses.dataclass
+class SamplingOptions:
+    """What every script that draws tokens from a model takes (sample.py, explain.py): where
+    the model is, what to feed it, and how to pick each next token."""
+    out_dir: str = field("out", "folder with ckpt.pt (or the path of a checkpoint file)")
+    prompt: str = field("", "text to continue, or FILE:path to read it from a file ('' = start of a document)")
+    temperature: float = field(0.8, "0 = greedy (always the most likely token); higher = more random")
+    top_k: int = field(0, "sample only from the k most likely tokens (0 = all)")
+    top_p: float = field(1.0, "sample only from the smallest set of tokens whose probability reaches p (1 = all)")
+    seed: int = field(1337, "random seed: the same seed gives the same text")
+    device: str = field("auto", "auto | cpu | cuda | cuda:N | mps")
+
+
+def check_sampling_options(cfg):
+    if cfg.temperature < 0:
+        raise UserError(f"--temperature must be 0 or more, got {cfg.temperature}")
+    if cfg.top_k < 0 or not 0.0 < cfg.top_p <= 1.0:
+        raise UserError("--top_k must be 0 or more and --top_p in (0, 1]")
 
 
 def main_guard(main):

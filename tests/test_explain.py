@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 
 import explain
-import plot
 from conftest import TINY_MODEL, assert_clean_error, learnable_corpus
 from conftest import run_script as run_script_threaded
 from model.checkpoint import load_checkpoint, model_from_checkpoint
 from model.cli import parse_config
 from model.errors import UserError
 from model.gpt import GPT, GPTConfig
+from model import loss_plot
 from model.tokenizer import train_bpe
 
 PROMPT = "alpha bravo charlie delta"  # 25 characters: inside the tiny model's 32-token context
@@ -269,10 +269,10 @@ def test_log_history_follows_the_latest_run(tmp_path):
                {"step": 20, "tokens": 200, "loss": 1.8, "lr": 1e-3, "tokens_per_s": 1.0},
                {"step": 20, "tokens": 200, "train_loss": 1.8, "val_loss": 1.9, "val_bpb": 2.0, "lr": 1e-3}]
     log.write_text("\n".join(json.dumps(r) for r in records) + "\n{\"step\": 3")  # and a line cut short
-    assert [r.get("loss", r.get("val_loss")) for r in plot.read_log(log)] == [3.0, 2.0, 1.8, 1.9]
+    assert [r.get("loss", r.get("val_loss")) for r in loss_plot.read_log(log)] == [3.0, 2.0, 1.8, 1.9]
     log.write_text(log.read_text() + "\n" + json.dumps(records[0]) + "\n")  # a new run from scratch
-    assert plot.read_log(log) == [records[0]]
-    assert plot.plot_log(str(log), str(tmp_path / "loss.png"))
+    assert loss_plot.read_log(log) == [records[0]]
+    assert loss_plot.plot_log(str(log), str(tmp_path / "loss.png"))
     assert png_size(tmp_path / "loss.png") == (800, 500)
 
 

@@ -430,7 +430,6 @@ def prepare(name, input=None, tokenizer=None, vocab_size=0, tokenizer_file=None,
     pieces, split_by = split_documents(documents, val_fraction)
     read_time = time.time()
     tok = build_tokenizer(kind, pieces, vocab_size, tokenizer_file) if isinstance(kind, str) else kind
-    print(f"tokenizer: {tok.kind} with {tok.vocab_size:,} ids, {why}", file=sys.stderr)
     dtype = token_dtype(tok.vocab_size)
 
     out_dir = Path(data_root) / name
@@ -484,6 +483,7 @@ def prepare(name, input=None, tokenizer=None, vocab_size=0, tokenizer_file=None,
               f"{out_dir / (split_name + '.bin')} ({tokens[i] * np.dtype(dtype).itemsize / 1e6:.2f} MB {meta['dtype']})",
               file=sys.stderr)
     print(f"prepared {out_dir} in {seconds:.1f}s", file=sys.stderr)
+    print(f"tokenizer: {tok.kind} with {tok.vocab_size:,} ids, {why}", file=sys.stderr)
     return meta
 
 

@@ -27,7 +27,7 @@ from model.tokenizer import GPT2_SPLIT_PATTERN
 from run import ARCHS, HEADER, LLAMA3_SPLIT_PATTERN, MAGIC, TOKENIZER_KINDS, VERSION, Config, Tokenizer, weight_layout
 
 USAGE = "usage: python export.py [--out_dir=out] [--output=out/model.bin]"
-# Text that exercises every part of a split rule: run.py's encoder must give the ids the tokenizer gives.
+# Text that exercises every part of the split rules: run.py's encoder must give it the tokenizer's ids.
 CHECK_TEXT = ("Hello, world! It's 2024: don't WE'LL 12345 3.14 x²  \t tabs\n\n\r\n  spaces   end\n"
               "café naïve Ωmega 日本語の文章 😀👍 १२३ ١٢٣ <b>a+=1;</b> $(pwd) 'quoted' \u3000ideo\u00a0nbsp ")
 

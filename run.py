@@ -104,7 +104,8 @@ class Tokenizer:
     def __init__(self, kind, token_bytes, eos_id=None, bos_id=None, prompt_starts_with_bos=False,
                  split_rule="", whole_chunk_first=True, merges=()):
         self.kind, self.token_bytes, self.eos_id, self.bos_id = kind, token_bytes, eos_id, bos_id
-        self.prompt_starts_with_bos, self.split_rule, self.whole_chunk_first = prompt_starts_with_bos, split_rule, whole_chunk_first
+        self.prompt_starts_with_bos, self.split_rule = prompt_starts_with_bos, split_rule
+        self.whole_chunk_first = whole_chunk_first
         if kind == "char":
             self.id_of = {b.decode("utf-8", "surrogatepass"): i for i, b in enumerate(token_bytes)}
             return
@@ -252,9 +253,12 @@ def load_model(path):
     merges = []
     if version > 1:
         (n_merges,) = read("<I")
-        merges = np.array(read(f"<{2 * n_merges}I"), dtype=np.int64).reshape(n_merges, 2).tolist()
+        merges = np.array(read(f"<{2 * n_merges}I"), dtype=np.int64).reshape(n_merges, 2)
+        if merges.size and merges.max() >= n_tokens:
+            raise BadInput(f"{path} is corrupt (its merge list names tokens it does not have)")
+        merges = merges.tolist()
     if (kind >= len(TOKENIZER_KINDS) or n_tokens != config.vocab_size or not -1 <= eos_id < n_tokens
-            or not -1 <= bos_id < n_tokens or (starts_with_bos and bos_id < 0) or any(i >= n_tokens for m in merges for i in m)):
+            or not -1 <= bos_id < n_tokens or (starts_with_bos and bos_id < 0)):
         raise BadInput(f"{path} is corrupt (its tokenizer does not fit the model)")
     if kind > 0 and split_rule not in SPLIT_RULES:
         raise BadInput(f"{path} splits text by a rule this run.py does not know ({split_rule!r}; "

@@ -354,3 +354,23 @@ def test_version_1_files_still_run(models, arch, tmp_path):
         expected = torch_model(torch.tensor([ids]))[0][0].numpy()
     assert np.abs(run.logits_of(old, ids) - expected).max() < 1e-4
     assert old.tokenizer.encode("don't 日本語 😀") == tokenizer.encode("don't 日本語 😀")
+
+
+def test_run_py_continues_an_hf_prompt_and_refuses_a_split_rule_it_does_not_know(tmp_path):
+    tokenizer, _ = hf_byte_level_tokenizer("llama3")
+    config = gpt.GPTConfig(vocab_size=tokenizer.vocab_size, block_size=48, n_layer=2, n_embd=32,
+                           **REAL_SHAPES["llama_gqa_untied"])
+    torch_model = random_model(config)
+    export.export_model(torch_model, tokenizer, str(tmp_path / "model.bin"))
+    prompt = "I'm sure 3.14159"
+    greedy = list(torch_model.generate(tokenizer.encode_prompt(prompt), 20, temperature=0))
+    result = run_script("run.py", str(tmp_path / "model.bin"), f"--prompt={prompt}", "--max_new_tokens=20",
+                        "--temperature=0")
+    assert result.stdout == prompt + b"".join(tokenizer.token_bytes(i) for i in greedy).decode("utf-8", "replace") + "\n"
+    assert f"hf tokenizer; prompt: {len(tokenizer.encode(prompt)) + 1} tokens" in result.stderr  # + <|begin_of_text|>
+    data = (tmp_path / "model.bin").read_bytes()
+    assert data[76:82] == b"llama3"
+    (tmp_path / "other.bin").write_bytes(data[:76] + b"llama9" + data[82:])
+    result = run_script("run.py", str(tmp_path / "other.bin"), "--prompt=hi", check=False)
+    assert_clean_error(result)
+    assert "'llama9'" in result.stderr

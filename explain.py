@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model.checkpoint import load_checkpoint, model_from_checkpoint
+from model.checkpoint import load_model
 from model.cli import SamplingOptions, check_sampling_options, field, main_guard, parse_config, read_prompt, resolve_device
 from model.errors import UserError
 from model.files import atomic_write
@@ -447,8 +447,7 @@ def check_config(cfg):
 def explain(cfg):
     """Everything asked for, as one JSON-able dict (the tables are printed from it)."""
     device = resolve_device(cfg.device)
-    checkpoint = load_checkpoint(cfg.out_dir, map_location="cpu")
-    model, tokenizer = model_from_checkpoint(checkpoint, device=device)
+    model, tokenizer, source = load_model(cfg.init_from, cfg.out_dir, device=device)
     model.eval()
     config = model.config
     for name, value, limit in (("layer", cfg.layer, config.n_layer), ("head", cfg.head, config.n_head)):
@@ -456,7 +455,8 @@ def explain(cfg):
             raise UserError(f"--{name}={value} is out of range: this model has {limit} {name}s "
                             f"(0..{limit - 1}, or -1 for all)")
 
-    doc = {"checkpoint": {"path": cfg.out_dir, "step": checkpoint["step"], "arch": config.arch,
+    doc = {"checkpoint": {"path": source["path"], "init_from": source["init_from"], "step": source["step"],
+                          "arch": config.arch,
                           "parameters": model.num_params(), "n_layer": config.n_layer, "n_head": config.n_head,
                           "n_embd": config.n_embd, "block_size": config.block_size,
                           "tokenizer": tokenizer.kind, "vocab_size": config.vocab_size}}

@@ -1,7 +1,9 @@
-"""Export a checkpoint as one flat file of numbers that run.py (numpy alone) can run.
+"""Export a checkpoint as one flat file of numbers that run.py (numpy alone) can run,
+or as a Hugging Face model folder that transformers loads.
 
     python export.py --out_dir=out                 # out/ckpt.pt -> out/model.bin
     python run.py out/model.bin --prompt="def "    # no torch needed from here on
+    python export.py --out_dir=out --format=hf --output=my-model   # AutoModelForCausalLM.from_pretrained("my-model")
 
 The file holds a small header (the model's sizes), the tokenizer (every token's bytes),
 then every weight as little-endian float32, in the order run.weight_layout lists them.
@@ -19,14 +21,14 @@ from dataclasses import dataclass
 import torch
 
 from model import gpt
-from model.checkpoint import load_checkpoint, model_from_checkpoint
+from model.checkpoint import load_model
 from model.cli import field, main_guard, parse_config
 from model.errors import UserError
 from model.files import atomic_write
 from model.tokenizer import GPT2_SPLIT_PATTERN
 from run import ARCHS, HEADER, LLAMA3_SPLIT_PATTERN, MAGIC, TOKENIZER_KINDS, VERSION, Config, Tokenizer, weight_layout
 
-USAGE = "usage: python export.py [--out_dir=out] [--output=out/model.bin]"
+USAGE = "usage: python export.py [--out_dir=out] [--init_from=resume] [--format=bin|hf] [--output=out/model.bin]"
 # Text that exercises every part of the split rules: run.py's encoder must give it the tokenizer's ids.
 CHECK_TEXT = ("Hello, world! It's 2024: don't WE'LL 12345 3.14 x²  \t tabs\n\n\r\n  spaces   end\n"
               "café naïve Ωmega 日本語の文章 😀👍 १२३ ١٢٣ <b>a+=1;</b> $(pwd) 'quoted' \u3000ideo\u00a0nbsp ")
@@ -35,7 +37,9 @@ CHECK_TEXT = ("Hello, world! It's 2024: don't WE'LL 12345 3.14 x²  \t tabs\n\n\
 @dataclass
 class ExportConfig:
     out_dir: str = field("out", "folder with ckpt.pt (or the path of a checkpoint file)")
-    output: str = field("", "file to write ('' = model.bin next to the checkpoint)")
+    init_from: str = field("resume", "resume (the checkpoint in --out_dir) | path/to/ckpt.pt | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | hf:<folder or owner/name>")
+    format: str = field("bin", "bin (one file for run.py) | hf (a folder for transformers' from_pretrained)")
+    output: str = field("", "file (bin) or folder (hf) to write ('' = model.bin or hf/ next to the checkpoint)")
 
 
 def length_prefixed(data: bytes) -> bytes:
@@ -141,9 +145,23 @@ def export_model(model, tokenizer, path):
 
 def main():
     cfg = parse_config(ExportConfig, sys.argv[1:], USAGE)
-    checkpoint = load_checkpoint(cfg.out_dir, map_location="cpu")
-    model, tokenizer = model_from_checkpoint(checkpoint)
-    checkpoint_dir = cfg.out_dir if os.path.isdir(cfg.out_dir) else os.path.dirname(cfg.out_dir)
+    if cfg.format not in ("bin", "hf"):
+        raise UserError(f"--format must be bin or hf, not {cfg.format!r}")
+    model, tokenizer, source = load_model(cfg.init_from, cfg.out_dir)
+    checkpoint_dir = cfg.out_dir if source["step"] is None else os.path.dirname(source["path"])
+    if cfg.format == "hf":
+        from model.hf import save_hf_model
+
+        output = cfg.output or os.path.join(checkpoint_dir, "hf")
+        try:
+            save_hf_model(model, tokenizer, output)
+        except OSError as e:
+            raise UserError(f"cannot write {output}: {e.strerror}") from None
+        print(f"wrote {output}/: config.json, model.safetensors ({model.config.arch}, {model.num_params():,} "
+              f"parameters), tokenizer.json")
+        print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({output!r}), "
+              f"AutoTokenizer.from_pretrained({output!r})")
+        return
     output = cfg.output or os.path.join(checkpoint_dir, "model.bin")
     if os.path.isdir(output):
         raise UserError(f"--output={output} is a folder; give a file name such as {os.path.join(output, 'model.bin')}")

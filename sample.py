@@ -3,6 +3,7 @@
     python sample.py                                  # from out/ckpt.pt
     python sample.py --prompt="def main(" --max_new_tokens=300 --temperature=0.8
     python sample.py --prompt=FILE:prompt.txt --temperature=0   # greedy, from a file's text
+    python sample.py --init_from=gpt2 --prompt="Hello, I'm a language model,"   # GPT-2 from the hub
 
 The text goes to stdout, everything else to stderr. Same seed, checkpoint and device:
 the same text.
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.checkpoint import load_checkpoint, model_from_checkpoint
+from model.checkpoint import load_model
 from model.cli import SamplingOptions, check_sampling_options, field, main_guard, parse_config, read_prompt, resolve_device
 from model.errors import UserError
 
@@ -39,12 +40,12 @@ def main():
     cfg = parse_config(SampleConfig, sys.argv[1:], USAGE)
     check_config(cfg)
     device = resolve_device(cfg.device)
-    checkpoint = load_checkpoint(cfg.out_dir, map_location="cpu")
-    model, tokenizer = model_from_checkpoint(checkpoint, device=device)
+    model, tokenizer, source = load_model(cfg.init_from, cfg.out_dir, device=device)
     model.eval()
     prompt_ids, prompt_text = read_prompt(cfg.prompt, tokenizer)
     block_size = model.config.block_size
-    print(f"model: {model.num_params():,} parameters, step {checkpoint['step']}, "
+    origin = f"step {source['step']}" if source["step"] is not None else source["init_from"]
+    print(f"model: {model.num_params():,} parameters, {origin}, "
           f"{tokenizer.kind} tokenizer; prompt: {len(prompt_ids)} tokens"
           + (f" (cropped to the last {block_size})" if len(prompt_ids) > block_size else ""), file=sys.stderr)
 

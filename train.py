@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from model.checkpoint import GPT2_SIZES, load_checkpoint, load_model, model_from_checkpoint, save_checkpoint
 from model.cli import field, main_guard, parse_config, resolve_device
 from model.errors import UserError
 from model.gpt import GPT, GPTConfig
@@ -38,7 +38,7 @@ MODEL_FIELDS = ("arch", "n_layer", "n_head", "n_embd", "block_size", "vocab_pad_
 class TrainConfig:
     # where things go
     out_dir: str = field("out", "folder for ckpt.pt, log.jsonl and loss.png")
-    init_from: str = field("scratch", "scratch | resume (continue out_dir/ckpt.pt) | path/to/ckpt.pt (fine-tune from its weights)")
+    init_from: str = field("scratch", "scratch | resume (continue out_dir/ckpt.pt) | path/to/ckpt.pt (fine-tune from its weights) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | hf:<folder or owner/name>")
     dataset: str = field("pystdlib", "prepared data set in data_root/<dataset>/ (built-in ones are prepared on first use)")
     data_root: str = field("data", "folder holding prepared data sets")
     # the model
@@ -50,6 +50,7 @@ class TrainConfig:
     dropout: float = field(0.0, "dropout probability (0 for pre-training big data, ~0.2 for small data)")
     vocab_pad_multiple: int = field(64, "pad the embedding rows to a multiple of this (fast GPU matmuls; never sampled)")
     # the optimisation
+    optimizer: str = field("adamw", "adamw | muon (Muon for the blocks' weight matrices, AdamW for the rest)")
     batch_size: int = field(32, "sequences per micro-batch (per process)")
     grad_accum: int = field(1, "micro-batches summed before each optimizer step")
     max_iters: int = field(1000, "optimizer steps to train for")
@@ -61,6 +62,8 @@ class TrainConfig:
     beta1: float = field(0.9, "AdamW beta1")
     beta2: float = field(0.99, "AdamW beta2")
     grad_clip: float = field(1.0, "clip the gradient norm to this (0 = off)")
+    muon_learning_rate: float = field(0.02, "--optimizer=muon: peak learning rate of the Muon matrices (same schedule)")
+    muon_momentum: float = field(0.95, "--optimizer=muon: momentum of the Muon matrices")
     # watching it
     eval_interval: int = field(250, "evaluate train/val loss every this many steps")
     eval_iters: int = field(20, "batches per evaluation")
@@ -88,11 +91,23 @@ def learning_rate_at(step, cfg):
 
 
 def make_optimizer(model, cfg, device_type):
+    """AdamW for every parameter, or (--optimizer=muon) Muon for the blocks' weight matrices and
+    AdamW for the rest."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    muon_matrices = []
+    if cfg.optimizer == "muon":
+        muon_matrices = [p for name, p in named if name.startswith("blocks.") and p.dim() == 2]
+    adamw = [p for _, p in named if not any(p is q for q in muon_matrices)]
     # Weight decay pulls matrices towards zero; doing that to biases, norms' gains or
     # 1-D parameters only hurts, so they get none.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": [p for p in adamw if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in adamw if p.dim() < 2], "weight_decay": 0.0}]
+    if cfg.optimizer == "muon":
+        from model.muon import Muon
+
+        # no weight decay on the Muon matrices: their orthogonalised steps already have a fixed size
+        groups.append({"params": muon_matrices, "use_muon": True, "weight_decay": 0.0})
+        return Muon(groups, momentum=cfg.muon_momentum, betas=(cfg.beta1, cfg.beta2))
     # Fused AdamW updates all parameters in one kernel instead of a dozen per tensor: on CUDA,
     # and on the CPU too (measured 14% faster for the small CPU model). Apple's mps: the default.
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
@@ -366,8 +381,8 @@ def train(cfg, checkpoint=None):
             break
 
         lr = learning_rate_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for group in optimizer.param_groups:  # Muon's matrices follow the same schedule from their own peak
+            group["lr"] = lr * (cfg.muon_learning_rate / cfg.learning_rate if group.get("use_muon") else 1.0)
         step_loss = torch.zeros((), device=device)  # mean over micro-batches, summed on the device: no sync
         for micro_step in range(cfg.grad_accum):
             x, y = train_loader.next_batch()
@@ -465,20 +480,44 @@ def main():
     checkpoint = None
     if cfg.init_from != "scratch":
         resume = cfg.init_from == "resume"
-        checkpoint = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt") if resume else cfg.init_from)
+        imported = cfg.init_from in GPT2_SIZES or cfg.init_from.startswith("hf:")
+        if imported:
+            checkpoint = imported_checkpoint(cfg.init_from)
+        else:
+            checkpoint = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt") if resume else cfg.init_from)
         # the model's shape comes from the checkpoint; asking for another one is a mistake
         saved_model = checkpoint["model_config"]
-        for name in MODEL_FIELDS:
+        fixed = [name for name in MODEL_FIELDS if not (imported and name == "block_size")]
+        for name in fixed:
             if name in given and getattr(cfg, name) != saved_model[name]:
                 raise UserError(f"cannot change {name} of a trained model (the checkpoint has {saved_model[name]})")
+        saved_optimizer = checkpoint["config"].get("optimizer", "adamw")
+        if resume and "optimizer" in given and cfg.optimizer != saved_optimizer:
+            raise UserError(f"cannot resume a run that used --optimizer={saved_optimizer} with --optimizer={cfg.optimizer}; "
+                            "start a new run from its weights with --init_from=PATH/ckpt.pt instead")
         base = dataclasses.asdict(cfg)
         if resume:  # continue with the saved settings; only what was given now changes
             base.update({k: v for k, v in checkpoint["config"].items() if k in base})
             base.update({k: getattr(cfg, k) for k in given})
-        base.update({name: saved_model[name] for name in MODEL_FIELDS})
+        base.update({name: saved_model[name] for name in fixed})
+        if imported:
+            # a real model's context can be 131,072 tokens; fine-tuning trains on shorter
+            # sequences (--block_size, at most the model's own) and the model keeps its context
+            if base["block_size"] > saved_model["block_size"]:
+                raise UserError(f"--block_size can be at most the model's context, {saved_model['block_size']}")
+            if "block_size" not in given:
+                base["block_size"] = min(saved_model["block_size"], 1024)
         cfg = TrainConfig(**base)
     check_config(cfg)
     train(cfg, checkpoint)
+
+
+def imported_checkpoint(init_from):
+    """A GPT-2 or Hugging Face model as the start of a new run: a checkpoint at step 0 holding
+    its weights, shape and tokenizer, so training treats it like any checkpoint it fine-tunes."""
+    model, tokenizer, _ = load_model(init_from, out_dir=None)
+    return {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+            "tokenizer": tokenizer.to_dict(), "config": {}, "step": 0}
 
 
 def check_config(cfg):
@@ -493,6 +532,8 @@ def check_config(cfg):
         GPTConfig(arch=cfg.arch, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if cfg.optimizer not in ("adamw", "muon"):
+        raise UserError(f"unknown --optimizer={cfg.optimizer}: use adamw or muon")
     if not 0.0 <= cfg.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
 

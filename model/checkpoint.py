@@ -63,3 +63,29 @@ def model_from_checkpoint(checkpoint, device="cpu", dropout=None):
         raise UserError(f"checkpoint does not match the model: {str(e).splitlines()[0][:200]}") from None
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
     return model.to(device), tokenizer
+
+
+GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def load_model(init_from, out_dir, device="cpu"):
+    """The one way the scripts get a model: (model, tokenizer, source).
+
+    init_from: "resume" (out_dir/ckpt.pt, or out_dir itself when it is a file), a path to a
+    ckpt.pt, gpt2 | gpt2-medium | gpt2-large | gpt2-xl (OpenAI's weights on the Hugging Face
+    hub), or hf:<local folder> | hf:<owner/name>. `source` describes where the model came from,
+    for messages and JSON: {"init_from", "step" (None for an imported model), "path"}."""
+    if init_from in GPT2_SIZES:
+        init_from = f"hf:openai-community/{init_from}"
+    if init_from.startswith("hf:"):
+        from model.hf import load_hf_model, resolve_hf_folder  # only imported models need the hub
+
+        folder = resolve_hf_folder(init_from[len("hf:"):])
+        model, tokenizer = load_hf_model(folder)
+        return model.to(device), tokenizer, {"init_from": init_from, "step": None, "path": folder}
+    path = out_dir if init_from == "resume" else init_from
+    checkpoint = load_checkpoint(path, map_location="cpu")
+    model, tokenizer = model_from_checkpoint(checkpoint, device=device)
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    return model, tokenizer, {"init_from": init_from, "step": checkpoint["step"], "path": path}

@@ -113,6 +113,8 @@ class SamplingOptions:
     """What every script that draws tokens from a model takes (sample.py, explain.py): where
     the model is, what to feed it, and how to pick each next token."""
     out_dir: str = field("out", "folder with ckpt.pt (or the path of a checkpoint file)")
+    init_from: str = field("resume", "resume (the checkpoint in --out_dir) | path/to/ckpt.pt | gpt2 | gpt2-medium | "
+                           "gpt2-large | gpt2-xl | hf:<folder or owner/name>")
     prompt: str = field("", "text to continue, or FILE:path to read it from a file ('' = start of a document)")
     temperature: float = field(0.8, "0 = greedy (always the most likely token); higher = more random")
     top_k: int = field(0, "sample only from the k most likely tokens (0 = all)")
@@ -163,7 +165,7 @@ def resolve_device(name):
 
 def read_prompt(prompt, tokenizer):
     """--prompt text, or FILE:path -> (token ids, the prompt's text). '' starts a fresh
-    document: the end-of-text token where the tokenizer has one, else a line break."""
+    document: the start (or else end) of document token where the tokenizer has one, else a line break."""
     if prompt.startswith("FILE:"):
         path = prompt[len("FILE:"):]
         try:
@@ -176,9 +178,11 @@ def read_prompt(prompt, tokenizer):
         if not prompt:
             raise UserError(f"prompt file {path} is empty")
     if prompt:
-        return tokenizer.encode(prompt), prompt
-    if tokenizer.eos_id is not None:
-        return [tokenizer.eos_id], ""
+        return tokenizer.encode_prompt(prompt), prompt
+    # a model that has a start-of-document token (Llama's BOS) was trained to begin with it
+    start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+    if start is not None:
+        return [start], ""
     try:
         return tokenizer.encode("\n"), "\n"  # a character model starts a document at a line break
     except UserError:

@@ -5,8 +5,9 @@ One class, two faces:
   arch="gpt2"  GPT-2 exactly: learned positions, LayerNorm with bias, GELU MLP (4x),
                biases everywhere, input and output embeddings tied.
   arch="llama" the modern form: rotary positions (RoPE), RMSNorm, SwiGLU MLP, no biases.
-               Embeddings are tied here too (as in the small Llama 3.2 models): it keeps
-               tiny models small and the exported file simple.
+               Embeddings are tied by default (as in the small Llama 3.2 models); imported
+               models may untie them (tie_embeddings=False), use fewer key/value heads than
+               query heads (grouped-query attention, n_kv_head) and llama3 RoPE scaling.
 """
 
 import math
@@ -28,31 +29,41 @@ class GPTConfig:
     dropout: float = 0.0
     vocab_pad_multiple: int = 1  # pad the embedding rows to a multiple of this (64 is GPU-friendly)
     rope_theta: float = 10000.0  # llama only
+    # Fields real models need. Their defaults give the models this repository always trained,
+    # so checkpoints written before they existed load unchanged.
+    n_kv_head: int = 0          # key/value heads (grouped-query attention); 0 -> n_head
+    head_size: int = 0          # 0 -> n_embd // n_head
+    mlp_hidden: int = 0         # 0 -> the arch's default (see __post_init__)
+    norm_eps: float = 1e-5      # added to the variance in LayerNorm / RMSNorm
+    tie_embeddings: bool = True  # False: lm_head has its own matrix
+    rope_scaling: dict | None = None  # None, or Llama 3.1's {"rope_type": "llama3", "factor", ...}
 
     def __post_init__(self):
         if self.arch not in ("gpt2", "llama"):
             raise ValueError(f"arch must be 'gpt2' or 'llama', not {self.arch!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.arch == "llama" and (self.n_embd // self.n_head) % 2:
+        if not self.head_size:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            self.head_size = self.n_embd // self.n_head
+        self.n_kv_head = self.n_kv_head or self.n_head
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.arch == "llama" and self.head_size % 2:
             raise ValueError("llama needs an even head size for rotary embeddings")
+        if not self.mlp_hidden:
+            if self.arch == "gpt2":
+                self.mlp_hidden = 4 * self.n_embd
+            else:
+                # SwiGLU has three matrices instead of two; 2/3 of 4x keeps the parameter count
+                # the same as GPT-2's MLP. Rounded up to a multiple of 64 for fast matmuls.
+                self.mlp_hidden = (int(8 * self.n_embd / 3) + 63) // 64 * 64
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type") != "llama3":
+            raise ValueError(f"unsupported rope_scaling {self.rope_scaling!r} (only rope_type llama3)")
 
     @property
     def padded_vocab_size(self):
         m = max(1, self.vocab_pad_multiple)
         return (self.vocab_size + m - 1) // m * m
-
-    @property
-    def head_size(self):
-        return self.n_embd // self.n_head
-
-    @property
-    def mlp_hidden(self):
-        if self.arch == "gpt2":
-            return 4 * self.n_embd
-        # SwiGLU has three matrices instead of two; 2/3 of 4x keeps the parameter count
-        # the same as GPT-2's MLP. Rounded up to a multiple of 64 for fast matmuls.
-        return (int(8 * self.n_embd / 3) + 63) // 64 * 64
 
 
 class RMSNorm(nn.Module):
@@ -71,15 +82,29 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(config):
-    return nn.LayerNorm(config.n_embd, eps=1e-5) if config.arch == "gpt2" else RMSNorm(config.n_embd)
+    if config.arch == "gpt2":
+        return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+    return RMSNorm(config.n_embd, eps=config.norm_eps)
 
 
-def rope_tables(config):
-    """cos/sin of angle position * frequency, for every position and half-dimension."""
-    half = config.head_size // 2
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(half, dtype=torch.float32) / half))
-    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()  # each (block_size, head_size/2)
+def rope_frequencies(config):
+    """RoPE's angle per position for each pair of dimensions (head_size // 2 of them): pair i
+    turns by theta^(-2i/head_size) per position, from fast (i = 0) to very slow."""
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_size, 2, dtype=torch.float32) / config.head_size))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    # Llama 3.1's context extension: wavelengths longer than the original context are
+    # stretched `factor` times (slowed down), short ones stay as trained, and the band
+    # between is blended smoothly. Written as transformers writes it, to give the same numbers.
+    factor, old_context = scaling["factor"], scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelength - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelength < old_context / high) & ~(wavelength > old_context / low)
+    return torch.where(medium, blended, scaled)
 
 
 def apply_rope(x, cos, sin):
@@ -93,10 +118,15 @@ def apply_rope(x, cos, sin):
 
 class KVCache:
     """Keys and values of every position seen so far, per layer, so each new token only
-    computes its own query/key/value instead of recomputing the whole context."""
+    computes its own query/key/value instead of recomputing the whole context.
 
-    def __init__(self, config, batch_size, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.head_size)
+    It holds max_length positions (default block_size): generation asks only for what it
+    will use, since a real model's block_size can be 131,072 positions (gigabytes of cache).
+    With grouped-query attention it stores only the n_kv_head shared heads."""
+
+    def __init__(self, config, batch_size, device, dtype, max_length=None):
+        max_length = min(max_length or config.block_size, config.block_size)
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_length, config.head_size)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # positions filled
@@ -111,8 +141,10 @@ class CausalSelfAttention(nn.Module):
         bias = config.arch == "gpt2"
         self.config = config
         self.layer_index = layer_index
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=bias)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=bias)
+        # q, k, v in one matmul: n_head query heads, then n_kv_head key and n_kv_head value heads
+        qkv_size = (config.n_head + 2 * config.n_kv_head) * config.head_size
+        self.c_attn = nn.Linear(config.n_embd, qkv_size, bias=bias)
+        self.c_proj = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=bias)
         self.c_proj.residual_projection = True
         self.resid_dropout = nn.Dropout(config.dropout)
         self.record_attention = False  # explain.py sets this to keep the attention weights
@@ -120,14 +152,14 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, start_pos=0, kv_cache=None, rope=None):
         B, T, C = x.shape
-        n_head, head_size = self.config.n_head, self.config.head_size
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_size): each head attends independently
+        n_head, n_kv_head, head_size = self.config.n_head, self.config.n_kv_head, self.config.head_size
+        q, k, v = self.c_attn(x).split([n_head * head_size, n_kv_head * head_size, n_kv_head * head_size], dim=2)
+        # (B, T, heads * head_size) -> (B, heads, T, head_size): each head attends independently
         q = q.view(B, T, n_head, head_size).transpose(1, 2)
-        k = k.view(B, T, n_head, head_size).transpose(1, 2)
-        v = v.view(B, T, n_head, head_size).transpose(1, 2)
+        k = k.view(B, T, n_kv_head, head_size).transpose(1, 2)
+        v = v.view(B, T, n_kv_head, head_size).transpose(1, 2)
         if rope is not None:
-            cos, sin = rope[0][start_pos:start_pos + T], rope[1][start_pos:start_pos + T]
+            cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if kv_cache is not None:
@@ -135,6 +167,11 @@ class CausalSelfAttention(nn.Module):
             kv_cache.values[self.layer_index, :B, :, start_pos:start_pos + T] = v
             k = kv_cache.keys[self.layer_index, :B, :, :start_pos + T]
             v = kv_cache.values[self.layer_index, :B, :, :start_pos + T]
+        if n_kv_head != n_head:
+            # grouped-query attention: each key/value head serves n_head / n_kv_head query heads
+            # (consecutive ones, as in transformers), which makes the cache that many times smaller
+            k = k.repeat_interleave(n_head // n_kv_head, dim=1)
+            v = v.repeat_interleave(n_head // n_kv_head, dim=1)
 
         # Query i (at absolute position start_pos + i) may look at keys 0 .. start_pos + i.
         # With no earlier positions that is the plain causal mask; after a cache prefix
@@ -153,7 +190,7 @@ class CausalSelfAttention(nn.Module):
         else:
             dropout = self.config.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        y = y.transpose(1, 2).contiguous().view(B, T, n_head * head_size)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
     def _attention_by_hand(self, q, k, v, start_pos):
@@ -213,16 +250,15 @@ class GPT(nn.Module):
         if config.arch == "gpt2":
             self.wpe = nn.Embedding(config.block_size, config.n_embd)
         else:
-            cos, sin = rope_tables(config)
-            # not saved in checkpoints: they are a pure function of the config
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            # not saved in checkpoints: a pure function of the config
+            self.register_buffer("rope_inv_freq", rope_frequencies(config), persistent=False)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        # Tied embeddings: the same matrix turns tokens into vectors and vectors into scores.
-        self.lm_head.weight = self.wte.weight
+        if config.tie_embeddings:
+            # Tied embeddings: the same matrix turns tokens into vectors and vectors into scores.
+            self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -260,7 +296,10 @@ class GPT(nn.Module):
         if self.config.arch == "gpt2":
             x = x + self.wpe(torch.arange(start_pos, start_pos + T, device=idx.device))
         else:
-            rope = (self.rope_cos, self.rope_sin)
+            # angles for just these positions: cheap, and no table of block_size rows to keep
+            positions = torch.arange(start_pos, start_pos + T, device=idx.device, dtype=torch.float32)
+            angles = torch.outer(positions, self.rope_inv_freq.float())
+            rope = (angles.cos(), angles.sin())
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, start_pos, kv_cache, rope)
@@ -289,7 +328,7 @@ class GPT(nn.Module):
             raise ValueError("generate needs at least one prompt token")
         kv_cache = None
         if use_kv_cache:
-            kv_cache = KVCache(self.config, 1, device, self.wte.weight.dtype)
+            kv_cache = KVCache(self.config, 1, device, self.wte.weight.dtype, len(tokens) + max_new_tokens)
             logits, _ = self(torch.tensor([tokens], device=device), kv_cache=kv_cache)
         else:
             logits, _ = self(torch.tensor([tokens], device=device))

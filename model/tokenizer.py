@@ -1,9 +1,11 @@
-"""Tokenizers: text <-> token ids, in three kinds.
+"""Tokenizers: text <-> token ids, in four kinds.
 
 - "char": one id per distinct character of the training text (sorted). Tiny and
   transparent, good for Shakespeare-sized experiments.
 - "bpe":  byte-level byte-pair encoding trained here, by `train_bpe`, on your corpus.
 - "gpt2": GPT-2's own byte-level BPE (50,257 ids), so results compare with GPT-2's.
+- "hf":   a Hugging Face model's own tokenizer (its tokenizer.json, run by the `tokenizers`
+          library), so an imported model reads and writes text exactly as it was trained to.
 
 Byte-level BPE works on UTF-8 bytes, so any text round-trips: decode(encode(s)) == s.
 Training is ours and meant to be read; *encoding* goes through tiktoken (Rust), built
@@ -22,6 +24,7 @@ import time
 
 import regex
 import tiktoken
+import tokenizers
 
 from model.errors import UserError
 from model.files import atomic_write
@@ -43,6 +46,11 @@ class Tokenizer:
     kind: str
     vocab_size: int  # number of ids, special tokens included
     eos_id: int | None  # id that ends a document (<|endoftext|>), None where the kind has none
+    bos_id: int | None = None  # id that starts a document (Llama's <s>), None where the kind has none
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """The ids a user's prompt becomes (the hf kind adds its own special tokens, e.g. BOS)."""
+        return self.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts as ordinary text (the fast path for data preparation)."""
@@ -150,6 +158,126 @@ class BytePairTokenizer(Tokenizer):
         # a .tiktoken file and loaded by gpt2_tokenizer(...) or tiktoken itself.
         return {"kind": self.kind, "pattern": self.pattern, "ranks": ranks_to_text(self.ranks),
                 "special_tokens": {EOT: self.eos_id}}
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer.json, run by the `tokenizers` library (Rust, fast).
+
+    Kept as the JSON text itself, so a checkpoint carries it like any other tokenizer.
+    bos_id/eos_id come from the model's config files (see hf_tokenizer): tokenizer.json
+    lists special tokens but does not say which one starts or ends a document."""
+
+    kind = "hf"
+
+    def __init__(self, tokenizer_json: str, bos_id=None, eos_id=None):
+        try:
+            self.tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)
+        except Exception as e:  # the Rust side raises a plain Exception for any bad field
+            raise UserError(f"not a readable tokenizer.json: {str(e)[:200]}") from None
+        # normalised by the library, so the same tokenizer always gives the same text (train.py
+        # compares a checkpoint's tokenizer with the data set's)
+        self.tokenizer_json = self.tokenizer.to_str()
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values()) + 1
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.bytes_of = self._token_bytes_table(vocab)
+
+    def _token_bytes_table(self, vocab):
+        """Every id's bytes, as the decoder would produce them for that token alone."""
+        decoder = json.loads(self.tokenizer_json).get("decoder") or {}
+        decoder_types = {d.get("type") for d in decoder.get("decoders", [decoder])}
+        byte_of_char = {ch: b for b, ch in byte_to_unicode().items()}
+        special = {id: added.content for id, added in self.tokenizer.get_added_tokens_decoder().items()}
+        table = [b""] * self.vocab_size
+        for token, id in vocab.items():
+            if id in special:
+                table[id] = special[id].encode("utf-8")
+            elif "ByteLevel" in decoder_types and all(ch in byte_of_char for ch in token):
+                # GPT-2's trick: each byte was stored as a printable character
+                table[id] = bytes(byte_of_char[ch] for ch in token)
+            elif regex.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+                table[id] = bytes([int(token[3:5], 16)])  # SentencePiece's byte fallback
+            else:
+                # SentencePiece style: '▁' marks a space. Best effort: decode() is exact,
+                # this is for streaming (the decoder may strip the text's very first space).
+                table[id] = token.replace("\u2581", " ").encode("utf-8")
+        return table
+
+    def _encode(self, texts, add_special_tokens, allow_special):
+        # A user's text that spells a special token ("<|endoftext|>") stays text unless allowed.
+        self.tokenizer.encode_special_tokens = not allow_special
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    def encode(self, text, allow_special=False):
+        return self._encode([text], False, allow_special)[0]
+
+    def encode_batch(self, texts):
+        return self._encode(list(texts), False, False)
+
+    def encode_prompt(self, text):
+        # exactly what transformers' AutoTokenizer(text) gives: special tokens in the text are
+        # parsed, and the tokenizer's post-processor adds its own (Llama's BOS, for one)
+        return self._encode([text], True, True)[0]
+
+    def token_bytes(self, id):
+        self._check_id(id)
+        return self.bytes_of[id]
+
+    def decode(self, ids):
+        ids = [int(i) for i in ids]
+        for i in ids:
+            self._check_id(i)
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def to_dict(self):
+        return {"kind": "hf", "tokenizer_json": self.tokenizer_json, "bos_id": self.bos_id, "eos_id": self.eos_id}
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's map from each byte to a printable character: the 188 printable Latin-1 bytes
+    stand for themselves, the others (controls, space) take the characters from U+0100 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+def hf_tokenizer(folder: str) -> Tokenizer:
+    """folder/tokenizer.json, with the start/end-of-document ids from the model's config files
+    (generation_config.json, then config.json, then tokenizer_config.json's token names)."""
+    path = os.path.join(folder, "tokenizer.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise UserError(f"no tokenizer.json in {folder} (only tokenizers in the `tokenizers` library's "
+                        "format are supported)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    tokenizer = HFTokenizer(text)
+
+    def read_json(name):
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def first_id(value):  # an id, a list of ids (Llama 3 instruct's several eos), or a token name
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if isinstance(value, dict):  # tokenizer_config.json's {"content": "<s>", ...}
+            value = value.get("content")
+        if isinstance(value, str):
+            value = tokenizer.tokenizer.token_to_id(value)
+        return value if isinstance(value, int) and 0 <= value < tokenizer.vocab_size else None
+
+    sources = [read_json("generation_config.json"), read_json("config.json")]
+    tokenizer_config = read_json("tokenizer_config.json")
+    for name in ("bos", "eos"):
+        found = [first_id(source.get(f"{name}_token_id")) for source in sources]
+        found.append(first_id(tokenizer_config.get(f"{name}_token")))
+        setattr(tokenizer, f"{name}_id", next((i for i in found if i is not None), None))
+    return tokenizer
 
 
 def ranks_to_text(ranks: dict[bytes, int]) -> str:
@@ -321,9 +449,11 @@ def tokenizer_from_dict(d) -> Tokenizer:
             if d.get("special_tokens", {EOT: len(ranks)}) != {EOT: len(ranks)}:
                 raise ValueError(f"expected special tokens {{{EOT!r}: {len(ranks)}}}")
             return BytePairTokenizer(kind, ranks, d["pattern"])
+        if kind == "hf":
+            return HFTokenizer(d["tokenizer_json"], d.get("bos_id"), d.get("eos_id"))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"tokenizer data is corrupt: {type(e).__name__}: {e}") from None
-    raise UserError(f"tokenizer data is corrupt: unknown kind {kind!r} (expected char, bpe or gpt2)")
+    raise UserError(f"tokenizer data is corrupt: unknown kind {kind!r} (expected char, bpe, gpt2 or hf)")
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: str):
@@ -341,3 +471,41 @@ def load_tokenizer(path: str) -> Tokenizer:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"tokenizer file {path} is not readable JSON: {e}") from None
     return tokenizer_from_dict(d)
+
+
+def tokenizer_json(tokenizer: Tokenizer) -> dict:
+    """The tokenizer as a tokenizer.json (the `tokenizers` library's format, which transformers'
+    AutoTokenizer reads), giving the same ids as tokenizer.encode for any text."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+
+    if tokenizer.kind == "hf":
+        return json.loads(tokenizer.tokenizer_json)
+    if tokenizer.kind == "char":
+        # every character is a word of its own, looked up in a table; decoding glues them back
+        hf = tokenizers.Tokenizer(models.WordLevel({ch: i for i, ch in enumerate(tokenizer.chars)}, unk_token="<unk>"))
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        hf.decoder = decoders.Fuse()
+        return json.loads(hf.to_str())
+    # Byte-level BPE: the same split pattern, then GPT-2's byte-to-character trick, then merges.
+    # tiktoken merges whichever adjacent pair forms the lowest-ranked token; a merge list
+    # ordered by the rank of the token each merge makes does the same. (This is how
+    # transformers converts tiktoken files too.) tiktoken also takes a chunk whole when it
+    # is a token itself: ignore_merges.
+    char_of = byte_to_unicode()
+
+    def text(token: bytes) -> str:
+        return "".join(char_of[b] for b in token)
+
+    ranks = tokenizer.ranks
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        merges += sorted(splits, key=lambda pair: (ranks[pair[0]], ranks[pair[1]]))
+    bpe = models.BPE({text(token): rank for token, rank in ranks.items()},
+                     [(text(a), text(b)) for a, b in merges], ignore_merges=True)
+    hf = tokenizers.Tokenizer(bpe)
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(tokenizer.pattern), behavior="isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
+    return json.loads(hf.to_str())

@@ -130,7 +130,7 @@ def prepare_command(cfg, meta):
     model that cfg.init_from names (a model trained here, or one imported from Hugging Face)."""
     if cfg.init_from == "resume":
         model_tokenizer = cfg.out_dir
-    elif cfg.init_from in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+    elif cfg.init_from in GPT2_SIZES:
         model_tokenizer = f"hf:{cfg.init_from}"
     else:  # hf:<folder or owner/name>, or the path of a checkpoint
         model_tokenizer = cfg.init_from

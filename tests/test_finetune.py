@@ -77,3 +77,37 @@ def test_an_unknown_tokenizer_or_a_missing_checkpoint_is_one_error_line(tmp_path
                             f"--data_root={tmp_path / 'data'}", check=False)
         assert_clean_error(result)
     assert not (tmp_path / "data" / "notes").exists()
+
+
+def test_fine_tune_a_hugging_face_model_as_the_gpt2_recipe_does_offline(tmp_path):
+    """The README's GPT-2 recipe with a tiny GPT-2 in a local folder in place of the hub's."""
+    import torch
+
+    from model.gpt import GPT, GPTConfig
+    from model.hf import save_hf_model
+    from model.tokenizer import HFTokenizer
+
+    tok = Tokenizer(BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator([NOTES], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(arch="gpt2", vocab_size=300, block_size=64, n_layer=2, n_head=2, n_embd=32))
+    folder, notes, data_root = tmp_path / "tiny-gpt2", tmp_path / "notes.txt", tmp_path / "data"
+    save_hf_model(model, HFTokenizer(tok.to_str(), None, 0), str(folder))
+    notes.write_text(NOTES)
+
+    run_script("data/prepare.py", "notes", f"--input={notes}", f"--data_root={data_root}")  # char: refused below
+    fine_tune = ["train.py", f"--init_from=hf:{folder}", "--dataset=notes", f"--data_root={data_root}",
+                 f"--out_dir={tmp_path / 'out-notes'}", "--max_iters=30", "--eval_interval=15", "--batch_size=8",
+                 "--block_size=32", "--eval_iters=2", "--log_interval=5", "--sample_tokens=0", "--device=cpu",
+                 "--learning_rate=3e-3", "--plot=false"]
+    refused = run_script(*fine_tune, check=False)
+    assert_clean_error(refused)
+    command = refused.stderr.split("prepare it with the model's: ")[1].strip()
+    assert command == f"python data/prepare.py notes --input={notes} --tokenizer=hf:{folder} --data_root={data_root}"
+    run_script(*shlex.split(command)[1:])
+    run_script(*fine_tune)
+    losses = [r["val_loss"] for r in map(json.loads, (tmp_path / "out-notes" / "log.jsonl").read_text().splitlines())
+              if "val_loss" in r]
+    assert losses[-1] < losses[0]

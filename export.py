@@ -100,9 +100,10 @@ def hf_tokenizer_for_run(tokenizer):
     return rule, bool(model.get("ignore_merges")), merges, starts_with_bos, plain
 
 
-def tokenizer_section(tokenizer):
-    """The tokenizer as run.py reads it, byte for byte (README.md: "2. Tokenizer")."""
-    token_bytes = [tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
+def tokenizer_section(tokenizer, vocab_size):
+    """The tokenizer as run.py reads it, byte for byte (README.md: "2. Tokenizer"). Ids past the
+    tokenizer's own (a model's embedding may have spare rows) are tokens of no bytes."""
+    token_bytes = [tokenizer.token_bytes(i) if i < tokenizer.vocab_size else b"" for i in range(vocab_size)]
     bos_id = getattr(tokenizer, "bos_id", None)
     if tokenizer.kind == "hf":
         rule, whole_chunk_first, merges, starts_with_bos, expected = hf_tokenizer_for_run(tokenizer)
@@ -123,12 +124,12 @@ def tokenizer_section(tokenizer):
 def export_model(model, tokenizer, path):
     """Write the model and its tokenizer to `path` atomically (temporary file, then rename)."""
     config = file_config(model)
-    if tokenizer.vocab_size != config.vocab_size:
-        raise UserError(f"the checkpoint's tokenizer has {tokenizer.vocab_size} ids but the model {config.vocab_size}")
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UserError(f"the checkpoint's tokenizer has {tokenizer.vocab_size} ids but the model only {config.vocab_size}")
     header = HEADER.pack(MAGIC, VERSION, ARCHS.index(config.arch), config.vocab_size, config.block_size,
                          config.n_layer, config.n_head, config.n_kv_head, config.n_embd, config.head_size,
                          config.mlp_hidden, config.tie_embeddings, config.norm_eps)
-    header += tokenizer_section(tokenizer)
+    header += tokenizer_section(tokenizer, config.vocab_size)
     header += bytes(-len(header) % 64)  # zeros up to a multiple of 64: the weights start aligned
 
     # the RoPE frequencies (with any llama3 scaling) are written out, so run.py needs no formula for them

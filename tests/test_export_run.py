@@ -376,3 +376,31 @@ def test_run_py_continues_an_hf_prompt_and_refuses_a_split_rule_it_does_not_know
     result = run_script("run.py", str(tmp_path / "other.bin"), "--prompt=hi", check=False)
     assert_clean_error(result)
     assert "'llama9'" in result.stderr
+
+
+@pytest.mark.parametrize("rule", ["llama3", "digits_gpt2"])
+def test_a_transformers_llama_exported_for_run_py_writes_what_sample_py_writes(rule, tmp_path):
+    # transformers builds the model (GQA, head_dim != hidden/heads, untied, odd rope_theta and eps):
+    # an outside reference for export.py --init_from=hf:... and everything run.py reads
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer, rust_tokenizer = hf_byte_level_tokenizer(rule)
+    folder = tmp_path / "tiny-llama"
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=12, rms_norm_eps=1e-6,
+                         rope_theta=500.0, max_position_embeddings=64, tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger weights: greedy choices without near-ties
+        for name, p in model.named_parameters():
+            if "layers." in name and "norm" not in name:
+                p.mul_(10.0)
+    model.save_pretrained(folder)
+    rust_tokenizer.save(str(folder / "tokenizer.json"))
+    run_script("export.py", f"--init_from=hf:{folder}", f"--output={tmp_path / 'model.bin'}")
+    args = ["--prompt=def f(n):\n    return n", "--max_new_tokens=40", "--temperature=0"]
+    from_numpy = run_script("run.py", str(tmp_path / "model.bin"), *args)
+    from_torch = run_script("sample.py", f"--init_from=hf:{folder}", "--device=cpu", *args)
+    assert from_numpy.stdout == from_torch.stdout
+    assert "[40 tokens" in from_numpy.stderr

@@ -12,6 +12,9 @@ What it measures:
              at a context of 256 and of 1024, for a 6-layer, 384-wide model
   runpy      tokens/s of run.py (numpy only) on the same model and prompt as sample.py's
   tokenizer  time to train a 4096-token BPE on the default corpus, and encoding throughput
+  hf         imported GPT-2 shapes (random weights saved by transformers, no download): import
+             time and peak memory for 124M and 350M, and greedy generation of the 124M model
+             here against transformers' own generate on the same weights
 Every figure is the median of several repeats after a warm-up; ratios compare figures from
 this same run, never numbers from elsewhere.
 """
@@ -47,7 +50,7 @@ TRAIN_SHAPES = {
 
 @dataclass
 class BenchConfig:
-    sections: str = field("train,generate,runpy,tokenizer", "comma-separated sections to run")
+    sections: str = field("train,generate,runpy,tokenizer", "comma-separated sections to run (also: hf)")
     device: str = field("auto", "auto | cpu | cuda | mps")
     repeats: int = field(3, "timed repeats per figure (the median is reported)")
     train_steps: int = field(40, "training steps per measurement (the first 10 are warm-up)")
@@ -175,6 +178,74 @@ def bench_bpe(cfg, rows):
     rows.append(("BPE encoding", "encode_batch, the same corpus", megabytes / seconds, "MB/s"))
 
 
+# GPT-2 small and medium, as transformers' GPT2Config calls the sizes
+HF_SHAPES = {"124M": dict(n_layer=12, n_head=12, n_embd=768), "350M": dict(n_layer=24, n_head=16, n_embd=1024)}
+IMPORT_PROBE = """
+import json, resource, sys, time
+from model.hf import load_hf_model
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Python, torch and our code
+started = time.perf_counter()
+model, _ = load_hf_model(sys.argv[1])
+seconds = time.perf_counter() - started
+print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "before_mb": before, "float32_mb": sum(p.numel() for p in model.parameters()) * 4 / 2**20}))
+"""
+
+
+def bench_hf(cfg, device, rows):
+    """Import cost (a fresh process per shape: its peak memory is the import's) and generation
+    speed against transformers, the reference implementation, on the same random weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from model.hf import load_hf_model
+
+    with tempfile.TemporaryDirectory() as directory:
+        for name, shape in HF_SHAPES.items():
+            folder = os.path.join(directory, name)
+            torch.manual_seed(0)
+            GPT2LMHeadModel(GPT2Config(**shape)).save_pretrained(folder)
+            # a byte-level tokenizer with no merges: the tokenizer plays no part in these figures
+            from model.tokenizer import BytePairTokenizer, tokenizer_json
+
+            with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+                json.dump(tokenizer_json(BytePairTokenizer("bpe", {bytes([i]): i for i in range(256)})), f)
+            probe = json.loads(run_command([sys.executable, "-c", IMPORT_PROBE, folder], "import").stdout)
+            rows.append(("import (hf: folder)", f"GPT-2 {name} shape, safetensors", probe["seconds"], "s"))
+            rows.append(("import peak memory", f"GPT-2 {name} shape ({probe['float32_mb']:,.0f} MiB float32)",
+                         probe["peak_rss_mb"], "MiB"))
+            # what the import itself adds, beyond the ~0.4 GB any process holding torch starts with
+            rows.append(("import memory / model size", f"GPT-2 {name} shape, peak minus the process before",
+                         (probe["peak_rss_mb"] - probe["before_mb"]) / probe["float32_mb"], "x"))
+        folder = os.path.join(directory, "124M")
+        ours, _ = load_hf_model(folder)
+        ours = ours.to(device)
+        theirs = GPT2LMHeadModel.from_pretrained(folder).to(device).eval()
+        prompt = torch.randint(0, 50257, (16,), generator=torch.Generator().manual_seed(1)).tolist()
+        new_tokens = max(2, cfg.new_tokens // 5)
+
+        def ours_first():
+            next(ours.generate(prompt, 1, temperature=0))
+
+        def ours_all():
+            for _ in ours.generate(prompt, new_tokens, temperature=0):
+                pass
+
+        input_ids = torch.tensor([prompt], device=device)
+
+        def theirs_generate(count):
+            with torch.no_grad():  # greedy, and never stopping early at an end-of-text token
+                theirs.generate(input_ids, max_new_tokens=count, min_new_tokens=count, do_sample=False,
+                                pad_token_id=0)
+
+        speeds = {}
+        for who, first, whole in (("here", ours_first, ours_all),
+                                  ("transformers", lambda: theirs_generate(1), lambda: theirs_generate(new_tokens))):
+            rows.append(("GPT-2 124M time to first token", f"{who}, 16-token prompt", median_time(first, cfg.repeats), "s"))
+            speeds[who] = new_tokens / median_time(whole, cfg.repeats)
+            rows.append(("GPT-2 124M greedy generation", f"{who}, {new_tokens} new tokens", speeds[who], "tok/s"))
+        rows.append(("generation here vs transformers", "GPT-2 124M", speeds["here"] / speeds["transformers"], "x"))
+
+
 def machine_description(device):
     cpu = platform.processor() or platform.machine()
     try:
@@ -200,9 +271,9 @@ def print_table(rows, machine):
 def main():
     cfg = parse_config(BenchConfig, sys.argv[1:], USAGE)
     sections = [s.strip() for s in cfg.sections.split(",") if s.strip()]
-    unknown = set(sections) - {"train", "generate", "runpy", "tokenizer"}
+    unknown = set(sections) - {"train", "generate", "runpy", "tokenizer", "hf"}
     if unknown:
-        raise UserError(f"unknown section(s) {', '.join(sorted(unknown))}: use train, generate, runpy, tokenizer")
+        raise UserError(f"unknown section(s) {', '.join(sorted(unknown))}: use train, generate, runpy, tokenizer, hf")
     if cfg.repeats < 1 or cfg.train_steps < 15 or cfg.new_tokens < 1:
         raise UserError("--repeats and --new_tokens must be at least 1, --train_steps at least 15")
     device = resolve_device(cfg.device)
@@ -215,6 +286,8 @@ def main():
         bench_runpy(cfg, rows, results)
     if "tokenizer" in sections:
         bench_bpe(cfg, rows)
+    if "hf" in sections:
+        bench_hf(cfg, device, rows)
     machine = machine_description(device)
     if cfg.json:
         print(json.dumps({"machine": machine, "config": dataclasses.asdict(cfg),

@@ -31,7 +31,9 @@ from model.gpt import GPT, GPTConfig
 from model.tokenizer import load_tokenizer
 
 USAGE = "usage: python train.py [configs/NAME.toml] [--field=value ...]"
-MODEL_FIELDS = ("arch", "n_layer", "n_head", "n_embd", "block_size", "vocab_pad_multiple")
+# the fields a checkpoint fixes: a trained model keeps its shape
+MODEL_FIELDS = ("arch", "n_layer", "n_head", "n_embd", "block_size", "vocab_pad_multiple", "tie_embeddings",
+                "mlp_activation", "qk_norm", "logit_softcap", "zero_init_proj")
 
 
 @dataclass
@@ -49,6 +51,11 @@ class TrainConfig:
     block_size: int = field(128, "context length in tokens")
     dropout: float = field(0.0, "dropout probability (0 for pre-training big data, ~0.2 for small data)")
     vocab_pad_multiple: int = field(64, "pad the embedding rows to a multiple of this (fast GPU matmuls; never sampled)")
+    tie_embeddings: bool = field(True, "the output layer is the token embedding (false: a matrix of its own)")
+    mlp_activation: str = field("", "'' (the arch's: gelu for gpt2, swiglu for llama) | relu2 (ReLU squared)")
+    qk_norm: bool = field(False, "RMS-normalise queries and keys before attention")
+    logit_softcap: float = field(0.0, "> 0: squash the logits into (-softcap, softcap) with tanh")
+    zero_init_proj: bool = field(False, "initialise the residual projections (c_proj) at zero")
     # the optimisation
     optimizer: str = field("adamw", "adamw | muon (Muon for the blocks' weight matrices, AdamW for the rest)")
     batch_size: int = field(32, "sequences per micro-batch (per process)")
@@ -57,7 +64,9 @@ class TrainConfig:
     learning_rate: float = field(2e-3, "peak learning rate (after warm-up)")
     min_lr: float = field(2e-4, "learning rate at the end of the cosine decay")
     warmup_iters: int = field(50, "steps of linear warm-up from 0 to learning_rate")
-    lr_decay_iters: int = field(0, "step where the cosine reaches min_lr (0 = max_iters)")
+    lr_decay_iters: int = field(0, "step where the decay reaches min_lr (0 = max_iters)")
+    lr_schedule: str = field("cosine", "cosine | wsd (warm-up, stable at learning_rate, then a linear decay)")
+    decay_fraction: float = field(0.3, "--lr_schedule=wsd: share of the steps spent decaying to min_lr")
     weight_decay: float = field(0.1, "AdamW weight decay, on 2-D weights only")
     beta1: float = field(0.9, "AdamW beta1")
     beta2: float = field(0.99, "AdamW beta2")
@@ -76,16 +85,24 @@ class TrainConfig:
     dtype: str = field("auto", "auto (bfloat16 on CUDA, else float32) | float32 | bfloat16 | float16")
     compile: bool = field(False, "torch.compile the model (faster on GPU; slow to start)")
     seed: int = field(1337, "seed for initialisation, dropout and the batch order")
-    plot: bool = field(True, "draw out_dir/loss.png at every evaluation (needs matplotlib)")
+    plot: bool = field(True, "redraw out_dir/loss.png at evaluations, at most every 30 s and at the end (needs matplotlib)")
 
 
 def learning_rate_at(step, cfg):
-    """Linear warm-up, then a cosine from learning_rate down to min_lr, then flat."""
+    """Linear warm-up, then a cosine from learning_rate down to min_lr, then flat. Or (wsd:
+    warmup-stable-decay, the trapezoid) warm-up, learning_rate held, and a straight line down
+    to min_lr over the last decay_fraction of the steps: the high plateau makes the most
+    progress, and the final descent collects it (the loss drops fast once the rate falls)."""
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     if step < cfg.warmup_iters:
         return cfg.learning_rate * (step + 1) / cfg.warmup_iters
     if step >= decay_iters:
         return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        decay_start = decay_iters - cfg.decay_fraction * decay_iters
+        if step < decay_start:
+            return cfg.learning_rate
+        return cfg.learning_rate + (step - decay_start) / (decay_iters - decay_start) * (cfg.min_lr - cfg.learning_rate)
     progress = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
@@ -270,9 +287,8 @@ def train(cfg, checkpoint=None):
     if checkpoint is not None:
         model, _ = model_from_checkpoint(checkpoint, device="cpu", dropout=cfg.dropout)
     else:
-        model = GPT(GPTConfig(arch=cfg.arch, vocab_size=meta["vocab_size"], block_size=cfg.block_size,
-                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                              dropout=cfg.dropout, vocab_pad_multiple=cfg.vocab_pad_multiple))
+        model = GPT(GPTConfig(vocab_size=meta["vocab_size"], dropout=cfg.dropout,
+                              **{name: getattr(cfg, name) for name in MODEL_FIELDS}))
     model.to(device)
     raw_model = model  # the plain module: what we save, so checkpoints never depend on compile/DDP
     if cfg.compile:
@@ -359,6 +375,7 @@ def train(cfg, checkpoint=None):
 
     progress = tqdm(total=cfg.max_iters, initial=step, disable=not is_master, dynamic_ncols=True, unit="step")
     timer, tokens_since = time.time(), 0
+    run_started, plotted_at = time.time(), 0.0
     while True:
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             if step != last_eval_step:  # (a resumed run may have been evaluated at this step already)
@@ -371,9 +388,13 @@ def train(cfg, checkpoint=None):
                     progress.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
                                    f"val bpb {val_bpb:.4f}", file=sys.stderr)
                 log({"step": step, "tokens": step * tokens_per_step, "train_loss": losses["train"],
-                     "val_loss": losses["val"], "val_bpb": val_bpb, "lr": learning_rate_at(step, cfg)})
-                if is_master and cfg.plot:
+                     "val_loss": losses["val"], "val_bpb": val_bpb, "lr": learning_rate_at(step, cfg),
+                     "elapsed_s": round(time.time() - run_started, 2)})
+                # Drawing costs a fraction of a second (more for the first, which imports
+                # matplotlib): at most every 30 s, and always at the end, keeps short runs fast.
+                if is_master and cfg.plot and (time.time() - plotted_at > 30 or step == cfg.max_iters):
                     draw_loss_plot(cfg.out_dir)
+                    plotted_at = time.time()
                 if step > start_step or step == cfg.max_iters:
                     save()
             timer, tokens_since = time.time(), 0  # evaluation time is not training time
@@ -486,7 +507,8 @@ def main():
         else:
             checkpoint = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt") if resume else cfg.init_from)
         # the model's shape comes from the checkpoint; asking for another one is a mistake
-        saved_model = checkpoint["model_config"]
+        # (fields a checkpoint predates have their defaults: GPTConfig fills them in)
+        saved_model = dataclasses.asdict(GPTConfig(**checkpoint["model_config"]))
         fixed = [name for name in MODEL_FIELDS if not (imported and name == "block_size")]
         for name in fixed:
             if name in given and getattr(cfg, name) != saved_model[name]:
@@ -529,9 +551,11 @@ def check_config(cfg):
     if cfg.max_iters < 0:
         raise UserError("--max_iters must be 0 or more")
     try:  # the model's own rules (arch, head sizes), checked before any data is read
-        GPTConfig(arch=cfg.arch, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+        GPTConfig(**{name: getattr(cfg, name) for name in MODEL_FIELDS})
     except ValueError as e:
         raise UserError(str(e)) from None
+    if cfg.lr_schedule not in ("cosine", "wsd") or not 0.0 < cfg.decay_fraction <= 1.0:
+        raise UserError("--lr_schedule must be cosine or wsd, and --decay_fraction in (0, 1]")
     if cfg.optimizer not in ("adamw", "muon"):
         raise UserError(f"unknown --optimizer={cfg.optimizer}: use adamw or muon")
     if not 0.0 <= cfg.dropout < 1.0:

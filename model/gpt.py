@@ -37,6 +37,12 @@ class GPTConfig:
     norm_eps: float = 1e-5      # added to the variance in LayerNorm / RMSNorm
     tie_embeddings: bool = True  # False: lm_head has its own matrix
     rope_scaling: dict | None = None  # None, or Llama 3.1's {"rope_type": "llama3", "factor", ...}
+    # Changes from the GPT-2 speedrun's training recipe (bench.py --sections=recipe measures each).
+    # The defaults are off, so arch="gpt2" stays GPT-2 exactly.
+    mlp_activation: str = ""    # "" -> the arch's own (gelu for gpt2, swiglu for llama) | relu2
+    qk_norm: bool = False       # RMS-normalise each head's queries and keys before attention
+    logit_softcap: float = 0.0  # > 0: logits = softcap * tanh(logits / softcap)
+    zero_init_proj: bool = False  # start every residual projection (attn/mlp c_proj) at zero
 
     def __post_init__(self):
         if self.arch not in ("gpt2", "llama"):
@@ -50,8 +56,13 @@ class GPTConfig:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if self.arch == "llama" and self.head_size % 2:
             raise ValueError("llama needs an even head size for rotary embeddings")
+        self.mlp_activation = self.mlp_activation or ("gelu" if self.arch == "gpt2" else "swiglu")
+        if self.mlp_activation not in ("gelu", "swiglu", "relu2"):
+            raise ValueError(f"mlp_activation must be gelu, swiglu or relu2, not {self.mlp_activation!r}")
+        if self.logit_softcap < 0:
+            raise ValueError(f"logit_softcap must be 0 (off) or positive, not {self.logit_softcap}")
         if not self.mlp_hidden:
-            if self.arch == "gpt2":
+            if self.mlp_activation != "swiglu":
                 self.mlp_hidden = 4 * self.n_embd
             else:
                 # SwiGLU has three matrices instead of two; 2/3 of 4x keeps the parameter count
@@ -158,6 +169,11 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, n_head, head_size).transpose(1, 2)
         k = k.view(B, T, n_kv_head, head_size).transpose(1, 2)
         v = v.view(B, T, n_kv_head, head_size).transpose(1, 2)
+        if self.config.qk_norm:
+            # Unit-RMS queries and keys bound every attention score, so no logit can grow
+            # until its softmax saturates: the speedrun's fix for attention that trains unstably.
+            q = F.rms_norm(q, (head_size,), eps=self.config.norm_eps)
+            k = F.rms_norm(k, (head_size,), eps=self.config.norm_eps)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -208,11 +224,11 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.arch = config.arch
+        self.activation = config.mlp_activation
         bias = config.arch == "gpt2"
         # c_fc widens, c_proj narrows back, in both archs (GPT-2's names).
         self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=bias)
-        if config.arch == "llama":
+        if self.activation == "swiglu":
             # SwiGLU: silu(x c_gate) * (x c_fc), then c_proj. The gate lets each unit switch itself off.
             self.c_gate = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
         self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=bias)
@@ -220,8 +236,12 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        if self.arch == "gpt2":
+        if self.activation == "gelu":
             hidden = F.gelu(self.c_fc(x), approximate="tanh")  # GPT-2's tanh approximation
+        elif self.activation == "relu2":
+            # ReLU squared (Primer, then the speedrun): as cheap as ReLU, smooth at 0, and its
+            # outputs are sparse: most units are exactly off for a given token.
+            hidden = F.relu(self.c_fc(x)).square()
         else:
             hidden = F.silu(self.c_gate(x)) * self.c_fc(x)
         return self.dropout(self.c_proj(hidden))
@@ -267,7 +287,9 @@ class GPT(nn.Module):
             if getattr(module, "residual_projection", False):
                 # Each block adds two outputs to the residual stream; scaling their init by
                 # 1/sqrt(2 * n_layer) keeps the stream's variance from growing with depth.
-                std = 0.02 / math.sqrt(2 * self.config.n_layer)
+                # zero_init_proj goes all the way: every block starts as the identity and
+                # the gradient decides what each adds (the speedrun's choice).
+                std = 0.0 if self.config.zero_init_proj else 0.02 / math.sqrt(2 * self.config.n_layer)
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -308,6 +330,11 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         # the padded rows exist only to make the matmul fast; they are never scored or sampled
         logits = self.lm_head(x)[..., :self.config.vocab_size]
+        if self.config.logit_softcap:
+            # a smooth ceiling on how sure the model can be: tanh bends large logits down to
+            # +-softcap, so no token's score runs away early in training (Gemma 2, the speedrun)
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))

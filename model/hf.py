@@ -253,6 +253,10 @@ def load_hf_model(folder: str):
 
 def hf_config(model, tokenizer) -> dict:
     c = model.config
+    default_activation = "gelu" if c.arch == "gpt2" else "swiglu"
+    if c.qk_norm or c.logit_softcap or c.mlp_activation != default_activation:
+        raise UserError("transformers' GPT-2 and Llama classes have no qk_norm, logit_softcap or "
+                        f"{c.mlp_activation} MLP: this model can be exported for run.py (--format=bin), not as hf")
     common = {"vocab_size": c.vocab_size, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
               "torch_dtype": "float32"}
     if c.arch == "gpt2":

@@ -81,3 +81,41 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     generator = torch.Generator().manual_seed(0)
     draws = {sample_next_token(logits, 1.0, top_k=2, generator=generator) for _ in range(200)}
     assert draws == {0, 1}
+
+
+RECIPE_OPTIONS = [dict(mlp_activation="relu2"), dict(qk_norm=True), dict(logit_softcap=15.0),
+                  dict(zero_init_proj=True), dict(tie_embeddings=False)]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("option", RECIPE_OPTIONS, ids=lambda o: next(iter(o)))
+def test_recipe_options_keep_the_kv_cache_exact_and_train(arch, option):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(arch=arch, vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32, **option))
+    ids = torch.randint(0, 32, (1, 12))
+    full, _ = model(ids)
+    cache = KVCache(model.config, 1, "cpu", torch.float32)
+    first, _ = model(ids[:, :7], kv_cache=cache)
+    rest, _ = model(ids[:, 7:], kv_cache=cache)
+    assert torch.allclose(full, torch.cat([first, rest], dim=1), atol=1e-5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(20):
+        _, loss = model(ids, ids)
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_softcap_bounds_the_logits_and_zero_init_starts_blocks_as_the_identity():
+    capped = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16, logit_softcap=2.0))
+    with torch.no_grad():
+        capped.lm_head.weight.mul_(1000)
+    logits, _ = capped(torch.arange(8)[None])
+    assert logits.abs().max() <= 2.0
+    model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16, zero_init_proj=True))
+    for block in model.blocks:
+        assert not block.attn.c_proj.weight.any() and not block.mlp.c_proj.weight.any()
+    assert GPTConfig(mlp_activation="relu2").mlp_hidden == 4 * 768  # no gate: GPT-2's width

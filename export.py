@@ -26,7 +26,7 @@ from model.cli import field, main_guard, parse_config
 from model.errors import UserError
 from model.files import atomic_write
 from model.tokenizer import GPT2_SPLIT_PATTERN
-from run import ARCHS, HEADER, LLAMA3_SPLIT_PATTERN, MAGIC, TOKENIZER_KINDS, VERSION, Config, Tokenizer, weight_layout
+from run import ACTIVATIONS, ARCHS, HEADER, LLAMA3_SPLIT_PATTERN, MAGIC, TOKENIZER_KINDS, VERSION, Config, Tokenizer, weight_layout
 
 USAGE = "usage: python export.py [--out_dir=out] [--init_from=resume] [--format=bin|hf] [--output=out/model.bin]"
 # Text that exercises every part of the split rules: run.py's encoder must give it the tokenizer's ids.
@@ -50,7 +50,7 @@ def file_config(model):
     """Everything run.py's forward pass needs to know about the model's shape."""
     c = model.config
     return Config(c.arch, c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_kv_head, c.n_embd, c.head_size,
-                  c.mlp_hidden, c.tie_embeddings, c.norm_eps)
+                  c.mlp_hidden, c.tie_embeddings, c.mlp_activation, c.qk_norm, c.norm_eps, c.logit_softcap)
 
 
 def split_rule_of(pre_tokenizer):
@@ -128,7 +128,8 @@ def export_model(model, tokenizer, path):
         raise UserError(f"the checkpoint's tokenizer has {tokenizer.vocab_size} ids but the model only {config.vocab_size}")
     header = HEADER.pack(MAGIC, VERSION, ARCHS.index(config.arch), config.vocab_size, config.block_size,
                          config.n_layer, config.n_head, config.n_kv_head, config.n_embd, config.head_size,
-                         config.mlp_hidden, config.tie_embeddings, config.norm_eps)
+                         config.mlp_hidden, config.tie_embeddings, ACTIVATIONS.index(config.mlp_activation),
+                         config.qk_norm, config.norm_eps, config.logit_softcap)
     header += tokenizer_section(tokenizer, config.vocab_size)
     header += bytes(-len(header) % 64)  # zeros up to a multiple of 64: the weights start aligned
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC, VERSION = b"GPTMODEL", 2  # version 1 files (before grouped-query attention) still load
-ARCHS, TOKENIZER_KINDS = ("gpt2", "llama"), ("char", "bpe", "gpt2", "hf")
+ARCHS, TOKENIZER_KINDS, ACTIVATIONS = ("gpt2", "llama"), ("char", "bpe", "gpt2", "hf"), ("gelu", "swiglu", "relu2")
 # after magic and version: arch, vocab_size, block_size, n_layer, n_head, n_kv_head, n_embd, head_size,
-# mlp_hidden, tie_embeddings, norm_eps
-HEADER = struct.Struct("<8s11If")
+# mlp_hidden, tie_embeddings, mlp_activation, qk_norm, norm_eps, logit_softcap
+HEADER = struct.Struct("<8s13I2f")
 # version 1: arch, vocab_size, block_size, n_layer, n_head, n_embd, mlp_hidden, norm_eps, rope_theta
 HEADER_V1 = struct.Struct("<8s8I2f")
 
@@ -59,7 +59,10 @@ class Config:
     head_size: int
     mlp_hidden: int
     tie_embeddings: bool  # True: the token embedding is also the output layer
+    mlp_activation: str  # gelu (GPT-2), swiglu (Llama) or relu2
+    qk_norm: bool  # True: each head's queries and keys are RMS-normalised before RoPE
     norm_eps: float
+    logit_softcap: float  # > 0: logits = softcap * tanh(logits / softcap)
 
 
 def weight_layout(config, version=VERSION):
@@ -83,10 +86,9 @@ def weight_layout(config, version=VERSION):
         b = f"blocks.{i}."
         layout += norm(b + "ln_1") + linear(b + "attn.c_attn", q_size + 2 * kv_size, C)
         layout += linear(b + "attn.c_proj", C, q_size) + norm(b + "ln_2")
-        if config.arch == "gpt2":
-            layout += linear(b + "mlp.c_fc", H, C) + linear(b + "mlp.c_proj", C, H)
-        else:
-            layout += linear(b + "mlp.c_gate", H, C) + linear(b + "mlp.c_fc", H, C) + linear(b + "mlp.c_proj", C, H)
+        if config.mlp_activation == "swiglu":
+            layout += linear(b + "mlp.c_gate", H, C)
+        layout += linear(b + "mlp.c_fc", H, C) + linear(b + "mlp.c_proj", C, H)
     layout += norm("ln_f")
     if not config.tie_embeddings:
         layout.append(("lm_head.weight", (config.vocab_size, C)))  # an output layer of its own
@@ -229,13 +231,13 @@ def load_model(path):
     if version == 1:  # every head is a key/value head, head_size = n_embd / n_head, tied embeddings
         arch, vocab_size, block_size, n_layer, n_head, n_embd, mlp_hidden, norm_eps, rope_theta = read("<7I2f")
         sizes = [vocab_size, block_size, n_layer, n_head, n_head, n_embd, n_embd // n_head if n_head else 0, mlp_hidden]
-        tied = True
+        tied, activation, qk_norm, softcap = 1, arch, 0, 0.0  # gelu for gpt2, swiglu for llama
     else:
-        arch, *sizes, tied, norm_eps = read("<10If")
+        arch, *sizes, tied, activation, qk_norm, norm_eps, softcap = read("<12I2f")
     impossible = BadInput(f"{path} is corrupt (impossible model sizes in its header)")
-    if arch >= len(ARCHS) or min(sizes) == 0 or tied > 1:
+    if arch >= len(ARCHS) or min(sizes) == 0 or tied > 1 or activation >= len(ACTIVATIONS) or qk_norm > 1:
         raise impossible
-    config = Config(ARCHS[arch], *sizes, bool(tied), norm_eps)
+    config = Config(ARCHS[arch], *sizes, bool(tied), ACTIVATIONS[activation], bool(qk_norm), norm_eps, softcap)
     if config.n_head % config.n_kv_head or (config.arch == "llama" and config.head_size % 2):
         raise impossible
     if version == 1 and config.n_embd % config.n_head:
@@ -341,6 +343,8 @@ def attention(model, b, layer, x, cache, start):
     # (T, heads * head_size) -> (heads, T, head_size): each head attends on its own slice of the vector
     q = q.reshape(T, c.n_head, c.head_size).transpose(1, 0, 2)
     k, v = (t.reshape(T, c.n_kv_head, c.head_size).transpose(1, 0, 2) for t in (k, v))
+    if c.qk_norm:  # unit root-mean-square queries and keys (RMSNorm without a weight)
+        q, k = (t / np.sqrt((t * t).mean(-1, keepdims=True) + c.norm_eps) for t in (q, k))
     if c.arch == "llama":  # RoPE: rotate by angle position * frequency, one frequency per pair
         angles = np.outer(np.arange(start, start + T, dtype=np.float32), model.weights["rope.inv_freq"])
         q, k = rotate(q, np.cos(angles), np.sin(angles)), rotate(k, np.cos(angles), np.sin(angles))
@@ -357,9 +361,12 @@ def attention(model, b, layer, x, cache, start):
 
 
 def mlp(model, b, x):
-    if model.config.arch == "gpt2":  # GELU, GPT-2's tanh approximation
+    activation = model.config.mlp_activation
+    if activation == "gelu":  # GPT-2's tanh approximation
         h = linear(model, b + "mlp.c_fc", x)
         h = 0.5 * h * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h ** 3)))
+    elif activation == "relu2":  # ReLU squared
+        h = np.maximum(linear(model, b + "mlp.c_fc", x), 0) ** 2
     else:  # SwiGLU: silu(x c_gate) * (x c_fc), silu(a) = a * sigmoid(a), sigmoid(a) = (1 + tanh(a/2)) / 2
         gate = linear(model, b + "mlp.c_gate", x)
         h = gate * 0.5 * (1.0 + np.tanh(0.5 * gate)) * linear(model, b + "mlp.c_fc", x)
@@ -379,7 +386,10 @@ def forward(model, ids, cache):
         x = x + mlp(model, b, norm(model, b + "ln_2", x))
     cache.length += len(ids)
     output = w["wte.weight" if c.tie_embeddings else "lm_head.weight"]  # tied: the embedding scores tokens
-    return norm(model, "ln_f", x) @ output.T
+    logits = norm(model, "ln_f", x) @ output.T
+    if c.logit_softcap:  # a smooth ceiling: large scores bend towards +-softcap
+        logits = c.logit_softcap * np.tanh(logits / c.logit_softcap)
+    return logits
 
 
 def logits_of(model, ids):

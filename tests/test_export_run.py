@@ -179,13 +179,14 @@ def test_export_cli_writes_model_bin_next_to_the_checkpoint(models):
 
 def test_the_file_starts_with_the_documented_header(models):
     data = (models["llama", "bpe"] / "model.bin").read_bytes()
-    header = struct.unpack_from("<8s11If", data)
+    header = struct.unpack_from("<8s13I2f", data)
     magic, version, arch, vocab_size, block_size, n_layer, n_head, n_kv_head, n_embd, head_size = header[:10]
     assert (magic, version, arch, block_size, n_layer, n_head, n_kv_head, n_embd, head_size) == (
         b"GPTMODEL", 2, 1, 32, 2, 2, 2, 32, 16)
-    assert header[10:] == (128, 1, pytest.approx(1e-5))  # mlp_hidden, tie_embeddings, norm_eps
-    kind, bos_id, eos_id, starts_with_bos, rule_length = struct.unpack_from("<IiiII", data, 56)
-    assert (kind, bos_id, eos_id, starts_with_bos, data[76:76 + rule_length]) == (1, -1, vocab_size - 1, 0, b"gpt2")
+    # mlp_hidden, tie_embeddings, mlp_activation (swiglu), qk_norm, norm_eps, logit_softcap
+    assert header[10:] == (128, 1, 1, 0, pytest.approx(1e-5), 0.0)
+    kind, bos_id, eos_id, starts_with_bos, rule_length = struct.unpack_from("<IiiII", data, 68)
+    assert (kind, bos_id, eos_id, starts_with_bos, data[88:88 + rule_length]) == (1, -1, vocab_size - 1, 0, b"gpt2")
 
 
 def test_bad_model_files_and_prompts_are_refused_clearly(models, tmp_path):
@@ -267,11 +268,16 @@ REAL_SHAPES = {  # what imported models need: GQA, head_size != n_embd / n_head,
                                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
     "gpt2_untied": dict(arch="gpt2", n_head=2, tie_embeddings=False, norm_eps=1e-4),
+    # the training recipe's options (model/gpt.py): ReLU squared, normalised queries and keys, capped logits
+    "gpt2_relu2_qk_norm_softcap": dict(arch="gpt2", n_head=2, mlp_activation="relu2", qk_norm=True, logit_softcap=15.0),
+    "llama_relu2_qk_norm_softcap": dict(arch="llama", n_head=4, n_kv_head=2, mlp_activation="relu2", qk_norm=True,
+                                        logit_softcap=30.0),
 }
 
 
 @pytest.mark.parametrize("shape,rule", [("llama_gqa_untied", "llama3"), ("llama_mqa_tied_rope_scaling", "digits_gpt2"),
-                                        ("gpt2_untied", "gpt2")])
+                                        ("gpt2_untied", "gpt2"), ("gpt2_relu2_qk_norm_softcap", "gpt2"),
+                                        ("llama_relu2_qk_norm_softcap", "llama3")])
 def test_real_model_shapes_and_hf_tokenizers_run_in_numpy_like_torch(shape, rule, tmp_path, one_torch_thread):
     tokenizer, _ = hf_byte_level_tokenizer(rule)
     spare_ids = 6 if shape == "gpt2_untied" else 0  # an embedding may have more rows than the tokenizer ids
@@ -341,8 +347,9 @@ def write_version_1(model, tokenizer, path):
     state = model.state_dict()
     with open(path, "wb") as f:
         f.write(header + bytes(-len(header) % 64))
-        for name, shape in run.weight_layout(run.Config(c.arch, c.vocab_size, c.block_size, c.n_layer, c.n_head,
-                                                        c.n_head, c.n_embd, c.head_size, c.mlp_hidden, True, 1e-5), 1):
+        v1_config = run.Config(c.arch, c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_head, c.n_embd,
+                               c.head_size, c.mlp_hidden, True, c.mlp_activation, False, 1e-5, 0.0)
+        for name, shape in run.weight_layout(v1_config, 1):
             f.write(state[name][:shape[0]].numpy().astype("<f4").tobytes())
 
 
@@ -371,8 +378,8 @@ def test_run_py_continues_an_hf_prompt_and_refuses_a_split_rule_it_does_not_know
     assert result.stdout == prompt + b"".join(tokenizer.token_bytes(i) for i in greedy).decode("utf-8", "replace") + "\n"
     assert f"hf tokenizer; prompt: {len(tokenizer.encode(prompt)) + 1} tokens" in result.stderr  # + <|begin_of_text|>
     data = (tmp_path / "model.bin").read_bytes()
-    assert data[76:82] == b"llama3"
-    (tmp_path / "other.bin").write_bytes(data[:76] + b"llama9" + data[82:])
+    assert data[88:94] == b"llama3"
+    (tmp_path / "other.bin").write_bytes(data[:88] + b"llama9" + data[94:])
     result = run_script("run.py", str(tmp_path / "other.bin"), "--prompt=hi", check=False)
     assert_clean_error(result)
     assert "'llama9'" in result.stderr

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import time
@@ -141,6 +142,24 @@ def pick_dtype(name, device_type):
     return dtypes[name]
 
 
+def prepare_command(cfg, meta):
+    """The data/prepare.py command that tokenizes the data set's text with the tokenizer of the
+    model that cfg.init_from names (a model trained here, or one imported from Hugging Face)."""
+    if cfg.init_from == "resume":
+        model_tokenizer = cfg.out_dir
+    elif cfg.init_from in GPT2_SIZES:
+        model_tokenizer = f"hf:{cfg.init_from}"
+    else:  # hf:<folder or owner/name>, or the path of a checkpoint
+        model_tokenizer = cfg.init_from
+    source = meta.get("source", "SOURCE")
+    if source.startswith("python stdlib"):  # how prepare.py describes the pystdlib corpus
+        source = "python:stdlib"
+    words = ["python", "data/prepare.py", cfg.dataset, f"--input={source}", f"--tokenizer={model_tokenizer}"]
+    if cfg.data_root != "data":
+        words.append(f"--data_root={cfg.data_root}")
+    return " ".join(shlex.quote(word) for word in words)
+
+
 def ensure_dataset(cfg, is_master):
     """The prepared data folder; built-in data sets are prepared the first time they are used."""
     data_dir = os.path.join(cfg.data_root, cfg.dataset)
@@ -255,8 +274,9 @@ def train(cfg, checkpoint=None):
     data_dir, meta = ensure_dataset(cfg, is_master)
     tokenizer = load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
     if checkpoint is not None and checkpoint["tokenizer"] != tokenizer.to_dict():
-        raise UserError(f"the checkpoint's tokenizer differs from data set {cfg.dataset!r}'s; "
-                        "prepare the data with the same tokenizer")
+        raise UserError(f"data set {cfg.dataset!r} was prepared with another tokenizer ({meta['tokenizer']}, "
+                        f"{meta['vocab_size']:,} ids) than the model's; prepare it with the model's: "
+                        f"{prepare_command(cfg, meta)}")
     loaders = {split: BatchLoader(data_dir, split, cfg.batch_size, cfg.block_size, cfg.seed, rank=rank,
                                   world_size=world_size, grad_accum=cfg.grad_accum, device=device)
                for split in ("train", "val")}

@@ -1,6 +1,6 @@
 """Turn text into token files: data/NAME/{train.bin, val.bin, tokenizer.json, meta.json}.
 
-    python data/prepare.py NAME [--input=SOURCE] [--tokenizer=char|bpe|gpt2] [--vocab_size=N]
+    python data/prepare.py NAME [--input=SOURCE] [--tokenizer=char|bpe|gpt2|hf:MODEL|OUT_DIR] [--vocab_size=N]
         [--tokenizer_file=F] [--split=train] [--text_field=text] [--max_bytes=N]
         [--val_fraction=0.1] [--data_root=data]
 
@@ -26,10 +26,13 @@ Built-in names need no --input:
     shakespeare       Tiny Shakespeare, GPT-2 tokenizer
 An explicit --input or --tokenizer overrides the built-in's default.
 
-Tokenizers: char (one id per distinct character of the whole text), bpe (our byte-level BPE trained
-on the train split, --vocab_size ids), gpt2 (GPT-2's own; --tokenizer_file=gpt2.tiktoken works
-offline). For char and bpe, --tokenizer_file=tokenizer.json reuses a saved tokenizer instead of
-building one (to tokenize new text with an existing model's vocabulary).
+Tokenizers: char (one id per distinct character of the whole text; the default for a new NAME), bpe
+(our byte-level BPE trained on the train split, --vocab_size ids), gpt2 (GPT-2's own, through tiktoken;
+--tokenizer_file=gpt2.tiktoken works offline). To fine-tune a model, prepare its data with the model's
+own tokenizer: --tokenizer=hf:<folder or owner/name> takes a Hugging Face model's tokenizer.json
+(hf:gpt2 for GPT-2 imported with --init_from=gpt2), --tokenizer=<path to ckpt.pt or an out_dir> the
+tokenizer of a model trained here. For char and bpe, --tokenizer_file=tokenizer.json reuses a saved
+tokenizer instead of building one.
 
 Split: with at least 10 documents, validation takes an evenly spread val_fraction of them (for 0.1:
 every 10th document, index % 10 == 9), so no document is cut in two. With fewer documents the text is
@@ -73,6 +76,7 @@ from model.tokenizer import (
     char_tokenizer_from_text,
     gpt2_tokenizer,
     load_tokenizer,
+    tokenizer_from_dict,
     train_bpe,
 )
 
@@ -100,7 +104,8 @@ SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
 @dataclasses.dataclass
 class PrepareConfig:
     input: str = field("", "file, folder, http(s) URL, hf:owner/name or hf:/local/path (built-in names need none)")
-    tokenizer: str = field("", "char, bpe or gpt2 (default: the built-in's, else char)")
+    tokenizer: str = field("", "char, bpe, gpt2, hf:<folder or owner/name>, or a ckpt.pt / out_dir to reuse its "
+                               "model's tokenizer (default: the built-in's, else char)")
     vocab_size: int = field(0, "number of token ids for --tokenizer=bpe (0 = the built-in's default, else 4096)")
     tokenizer_file: str = field("", "gpt2: a gpt2.tiktoken file (offline); char/bpe: a saved tokenizer.json to reuse")
     split: str = field("train", "split of an hf: dataset to read")
@@ -110,7 +115,7 @@ class PrepareConfig:
     data_root: str = field("data", "folder that holds prepared datasets (and .cache/ for downloads)")
 
 
-USAGE = ("usage: python data/prepare.py NAME [--input=SOURCE] [--tokenizer=char|bpe|gpt2] [--options]\n"
+USAGE = ("usage: python data/prepare.py NAME [--input=SOURCE] [--tokenizer=char|bpe|gpt2|hf:MODEL|OUT_DIR] [--options]\n"
          f"built-in NAMEs (no --input needed): {', '.join(BUILTINS)}; SOURCE forms: see data/prepare.py")
 
 
@@ -300,6 +305,31 @@ def split_documents(documents, val_fraction):
 # ---------------------------------------------------------------- tokenizing
 
 
+def choose_tokenizer(name, spec, tokenizer_file):
+    """(kind to build, or an existing tokenizer to reuse, and why) for --tokenizer=spec ('' = the default)."""
+    if not spec:
+        if name in BUILTINS:
+            return BUILTINS[name][1], f"the built-in data set {name}'s default"
+        return "char", ("the default for a new data set; to fine-tune a model, pass its tokenizer: "
+                        "--tokenizer=OUT_DIR or --tokenizer=hf:MODEL")
+    if spec in TOKENIZERS:
+        return spec, "as --tokenizer asked"
+    if tokenizer_file:
+        raise UserError(f"--tokenizer_file is for char, bpe and gpt2; --tokenizer={spec} brings its own tokenizer")
+    if spec.startswith("hf:"):  # a Hugging Face model's tokenizer.json (and its bos/eos ids)
+        from model.hf import resolve_hf_folder
+        from model.tokenizer import hf_tokenizer
+
+        return hf_tokenizer(resolve_hf_folder(spec[3:])), f"the tokenizer of {spec}"
+    if os.path.exists(spec):  # a model trained here: its checkpoint carries its tokenizer
+        from model.checkpoint import load_checkpoint  # imports torch: only when a checkpoint is read
+
+        checkpoint = load_checkpoint(spec)
+        return tokenizer_from_dict(checkpoint["tokenizer"]), f"the tokenizer of the model in {spec}"
+    raise UserError(f"unknown tokenizer {spec!r}: choose {', '.join(TOKENIZERS)}, hf:<folder or owner/name>, "
+                    f"or the path of a ckpt.pt or out_dir whose model's tokenizer to reuse")
+
+
 def build_tokenizer(kind, pieces, vocab_size, tokenizer_file):
     if kind == "gpt2":
         return gpt2_tokenizer(tokenizer_file or None)
@@ -382,18 +412,16 @@ def prepare(name, input=None, tokenizer=None, vocab_size=0, tokenizer_file=None,
     start_time = time.time()
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
         raise UserError(f"dataset name {name!r} must be a plain folder name (letters, digits, _ . -)")
-    default_source, default_kind, default_vocab = BUILTINS.get(name, (None, "char", 0))
+    default_source, _, default_vocab = BUILTINS.get(name, (None, "char", 0))
     source = input or default_source
-    kind = tokenizer or default_kind
     vocab_size = vocab_size or default_vocab or DEFAULT_VOCAB_SIZE
     if source is None:
         raise UserError(f"{name} is not a built-in dataset ({', '.join(BUILTINS)}); pass --input=SOURCE")
-    if kind not in TOKENIZERS:
-        raise UserError(f"unknown tokenizer {kind!r} (choose {', '.join(TOKENIZERS)})")
     if not 0 < val_fraction < 1:
         raise UserError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
     if max_bytes < 0:
         raise UserError(f"--max_bytes must be >= 0, got {max_bytes}")
+    kind, why = choose_tokenizer(name, tokenizer, tokenizer_file)
 
     documents, description = read_documents(source, data_root, split, text_field, max_bytes)
     sha256 = hashlib.sha256()
@@ -401,7 +429,7 @@ def prepare(name, input=None, tokenizer=None, vocab_size=0, tokenizer_file=None,
         sha256.update(doc.encode("utf-8"))
     pieces, split_by = split_documents(documents, val_fraction)
     read_time = time.time()
-    tok = build_tokenizer(kind, pieces, vocab_size, tokenizer_file)
+    tok = build_tokenizer(kind, pieces, vocab_size, tokenizer_file) if isinstance(kind, str) else kind
     dtype = token_dtype(tok.vocab_size)
 
     out_dir = Path(data_root) / name
@@ -455,6 +483,7 @@ def prepare(name, input=None, tokenizer=None, vocab_size=0, tokenizer_file=None,
               f"{out_dir / (split_name + '.bin')} ({tokens[i] * np.dtype(dtype).itemsize / 1e6:.2f} MB {meta['dtype']})",
               file=sys.stderr)
     print(f"prepared {out_dir} in {seconds:.1f}s", file=sys.stderr)
+    print(f"tokenizer: {tok.kind} with {tok.vocab_size:,} ids, {why}", file=sys.stderr)
     return meta
 
 

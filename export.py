@@ -4,6 +4,10 @@ or as a Hugging Face model folder that transformers loads.
     python export.py --out_dir=out                 # out/ckpt.pt -> out/model.bin
     python run.py out/model.bin --prompt="def "    # no torch needed from here on
     python export.py --out_dir=out --format=hf --output=my-model   # AutoModelForCausalLM.from_pretrained("my-model")
+    python export.py --out_dir=out-lora --format=peft --output=adapter   # a LoRA run's adapter for peft
+
+A LoRA run's out_dir exports the merged model (its base with the adapter added in), or with
+--format=peft the adapter alone.
 
 The file holds a small header (the model's sizes), the tokenizer (every token's bytes),
 then every weight as little-endian float32, in the order run.weight_layout lists them.
@@ -20,15 +24,16 @@ from dataclasses import dataclass
 
 import torch
 
-from model import gpt
-from model.checkpoint import load_model
+from model import gpt, lora
+from model.checkpoint import GPT2_SIZES, load_checkpoint, load_model
 from model.cli import field, main_guard, parse_config
 from model.errors import UserError
 from model.files import atomic_write
 from model.tokenizer import GPT2_SPLIT_PATTERN
 from run import ACTIVATIONS, ARCHS, HEADER, LLAMA3_SPLIT_PATTERN, MAGIC, TOKENIZER_KINDS, VERSION, Config, Tokenizer, weight_layout
 
-USAGE = "usage: python export.py [--out_dir=out] [--init_from=resume] [--format=bin|hf] [--output=out/model.bin]"
+USAGE = "usage: python export.py [--out_dir=out] [--init_from=resume] [--format=bin|hf|peft] [--output=out/model.bin]"
+FORMATS = ("bin", "hf", "peft")
 # Text that exercises every part of the split rules: run.py's encoder must give it the tokenizer's ids.
 CHECK_TEXT = ("Hello, world! It's 2024: don't WE'LL 12345 3.14 x²  \t tabs\n\n\r\n  spaces   end\n"
               "café naïve Ωmega 日本語の文章 😀👍 १२३ ١٢٣ <b>a+=1;</b> $(pwd) 'quoted' \u3000ideo\u00a0nbsp ")
@@ -38,8 +43,9 @@ CHECK_TEXT = ("Hello, world! It's 2024: don't WE'LL 12345 3.14 x²  \t tabs\n\n\
 class ExportConfig:
     out_dir: str = field("out", "folder with ckpt.pt (or the path of a checkpoint file)")
     init_from: str = field("resume", "resume (the checkpoint in --out_dir) | path/to/ckpt.pt | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | hf:<folder or owner/name>")
-    format: str = field("bin", "bin (one file for run.py) | hf (a folder for transformers' from_pretrained)")
-    output: str = field("", "file (bin) or folder (hf) to write ('' = model.bin or hf/ next to the checkpoint)")
+    format: str = field("bin", "bin (one file for run.py) | hf (a folder for transformers' from_pretrained) | "
+                        "peft (a LoRA run's adapter alone, for the peft library)")
+    output: str = field("", "file (bin) or folder (hf, peft) to write ('' = model.bin, hf/ or adapter/ next to the checkpoint)")
 
 
 def length_prefixed(data: bytes) -> bytes:
@@ -145,10 +151,47 @@ def export_model(model, tokenizer, path):
             f.write(tensor.detach().to(torch.float32).cpu().numpy().astype("<f4").tobytes())
 
 
+def export_peft(checkpoint, folder):
+    """A LoRA run's adapter as adapter_config.json + adapter_model.safetensors (the adapter
+    alone: peft puts it onto the base's weights in transformers)."""
+    from safetensors.torch import save as safetensors_bytes
+
+    config, tensors = lora.peft_adapter(checkpoint["model"], checkpoint["model_config"], checkpoint["lora"])
+    if os.path.isfile(folder):
+        raise UserError(f"--output={folder} is a file; --format=peft writes a folder")
+    with atomic_write(os.path.join(folder, "adapter_model.safetensors")) as f:
+        f.write(safetensors_bytes({name: t.float().contiguous() for name, t in tensors.items()}))
+    with atomic_write(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return sum(t.numel() for t in tensors.values())
+
+
+def export_adapter(cfg):
+    """--format=peft: the adapter is in the LoRA run's checkpoint; its base is not needed."""
+    imported = cfg.init_from.startswith("hf:") or cfg.init_from in GPT2_SIZES
+    path = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
+    checkpoint = {} if imported else load_checkpoint(path, map_location="cpu")
+    if "lora" not in checkpoint:
+        raise UserError(f"{path} is not a LoRA run: --format=peft exports an adapter (train one with --lora_rank=8)")
+    checkpoint_dir = path if os.path.isdir(path) else os.path.dirname(path)
+    output = cfg.output or os.path.join(checkpoint_dir, "adapter")
+    try:
+        n_params = export_peft(checkpoint, output)
+    except OSError as e:
+        raise UserError(f"cannot write {output}: {e.strerror}") from None
+    print(f"wrote {output}/adapter_config.json and adapter_model.safetensors: {n_params:,} adapter parameters "
+          f"for the base {checkpoint['lora']['base']}")
+    print("load it in transformers onto the base's --format=hf export: "
+          f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_EXPORT), {output!r})")
+
+
 def main():
     cfg = parse_config(ExportConfig, sys.argv[1:], USAGE)
-    if cfg.format not in ("bin", "hf"):
-        raise UserError(f"--format must be bin or hf, not {cfg.format!r}")
+    if cfg.format not in FORMATS:
+        raise UserError(f"--format must be {', '.join(FORMATS[:-1])} or {FORMATS[-1]}, not {cfg.format!r}")
+    if cfg.format == "peft":
+        export_adapter(cfg)
+        return
     model, tokenizer, source = load_model(cfg.init_from, cfg.out_dir)
     checkpoint_dir = cfg.out_dir if source["step"] is None else os.path.dirname(source["path"])
     if cfg.format == "hf":

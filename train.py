@@ -24,7 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.checkpoint import GPT2_SIZES, load_checkpoint, load_model, model_from_checkpoint, save_checkpoint
+from model import lora
+from model.checkpoint import (GPT2_SIZES, load_checkpoint, load_model, lora_base_from_checkpoint,
+                              model_from_checkpoint, save_checkpoint)
 from model.cli import field, main_guard, parse_config, resolve_device
 from model.errors import UserError
 from model.gpt import GPT, GPTConfig
@@ -50,6 +52,12 @@ class TrainConfig:
     n_embd: int = field(128, "width of the residual stream")
     block_size: int = field(128, "context length in tokens")
     dropout: float = field(0.0, "dropout probability (0 for pre-training big data, ~0.2 for small data)")
+    # LoRA: train small adapters beside a frozen base instead of every weight
+    lora_rank: int = field(0, "LoRA rank r of the adapters (0 = off: train every weight)")
+    lora_alpha: float = field(0.0, "LoRA scale: the adapter adds (alpha / r) B A x (0 = twice the rank)")
+    lora_dropout: float = field(0.0, "dropout on the adapters' input")
+    lora_targets: str = field(lora.DEFAULT_TARGETS, "layers to adapt, comma-separated: q, k, v, attn.c_proj, "
+                              "mlp.c_fc, mlp.c_gate (llama), mlp.c_proj; or all")
     vocab_pad_multiple: int = field(64, "pad the embedding rows to a multiple of this (fast GPU matmuls; never sampled)")
     tie_embeddings: bool = field(True, "the output layer is the token embedding (false: a matrix of its own)")
     mlp_activation: str = field("", "'' (the arch's: gelu for gpt2, swiglu for llama) | relu2 (ReLU squared)")
@@ -110,10 +118,13 @@ def learning_rate_at(step, cfg):
 def make_optimizer(model, cfg, device_type):
     """AdamW for every parameter, or (--optimizer=muon) Muon for the blocks' weight matrices and
     AdamW for the rest."""
+    # only what trains: a LoRA run's frozen base needs no optimizer state
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     muon_matrices = []
     if cfg.optimizer == "muon":
-        muon_matrices = [p for name, p in named if name.startswith("blocks.") and p.dim() == 2]
+        # LoRA's adapters stay with AdamW: Muon orthogonalises the update of a whole weight matrix,
+        # and an adapter's thin A and B are not one
+        muon_matrices = [p for name, p in named if name.startswith("blocks.") and p.dim() == 2 and ".lora_" not in name]
     adamw = [p for _, p in named if not any(p is q for q in muon_matrices)]
     # Weight decay pulls matrices towards zero; doing that to biases, norms' gains or
     # 1-D parameters only hurts, so they get none.
@@ -284,7 +295,22 @@ def train(cfg, checkpoint=None):
 
     # ---- model -----------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
-    if checkpoint is not None:
+    lora_settings = None
+    if cfg.lora_rank:
+        if resumed:  # the base named in the adapter's checkpoint, checked against its hash
+            model, _ = lora_base_from_checkpoint(checkpoint, dropout=cfg.dropout)
+            lora_settings = checkpoint["lora"]
+        else:
+            model, _ = model_from_checkpoint(checkpoint, device="cpu", dropout=cfg.dropout)
+            lora_settings = {"base": lora_base_reference(cfg.init_from), "base_sha256": lora.weights_sha256(model)}
+        targets = lora.parse_targets(cfg.lora_targets, model.config.arch)
+        lora_settings = {**lora_settings, "rank": cfg.lora_rank, "alpha": lora_alpha(cfg),
+                         "dropout": cfg.lora_dropout, "targets": targets,
+                         "base_parameters": lora_settings.get("base_parameters", model.num_params())}
+        lora.add_lora(model, cfg.lora_rank, lora_alpha(cfg), cfg.lora_dropout, targets)
+        if resumed:
+            lora.load_adapter_state_dict(model, checkpoint["model"])
+    elif checkpoint is not None:
         model, _ = model_from_checkpoint(checkpoint, device="cpu", dropout=cfg.dropout)
     else:
         model = GPT(GPTConfig(vocab_size=meta["vocab_size"], dropout=cfg.dropout,
@@ -318,6 +344,8 @@ def train(cfg, checkpoint=None):
     say(f"model: {raw_model.config.arch}, {raw_model.num_params():,} parameters "
         f"({raw_model.config.n_layer} layers, {raw_model.config.n_head} heads, {raw_model.config.n_embd} wide, "
         f"context {raw_model.config.block_size})")
+    if lora_settings:
+        say(lora.trainable_summary(raw_model, cfg.lora_rank, lora_settings["targets"]))
     say(f"data: {cfg.dataset}, {meta['train_tokens']:,} train tokens, {meta['tokenizer']} tokenizer, vocabulary {vocab}")
     say(f"device: {device} {str(dtype).replace('torch.', '')}, {world_size} process(es), "
         f"{tokens_per_step:,} tokens per step")
@@ -338,7 +366,10 @@ def train(cfg, checkpoint=None):
             log_file.flush()
 
     def checkpoint_now():
-        return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+        # a LoRA run saves its adapter and the base's name and hash; the base's file is never written
+        weights = lora.adapter_state_dict(raw_model) if lora_settings else raw_model.state_dict()
+        return {"model": weights, **({"lora": lora_settings} if lora_settings else {}),
+                "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(raw_model.config),
                 "config": dataclasses.asdict(cfg), "step": step, "best_val_loss": best_val_loss,
                 "last_eval_step": last_eval_step,
@@ -452,6 +483,8 @@ def train(cfg, checkpoint=None):
             sys.exit(130)
     progress.close()
     say(f"done: {step} steps, best val loss {best_val_loss:.4f}; saved {cfg.out_dir}/ckpt.pt")
+    if is_master and lora_settings:
+        say(lora_size_line(os.path.join(cfg.out_dir, "ckpt.pt"), lora_settings))
 
     if is_master and cfg.sample_tokens > 0:
         raw_model.eval()
@@ -465,6 +498,30 @@ def train(cfg, checkpoint=None):
         log_file.close()
     if distributed:
         torch.distributed.destroy_process_group()
+
+
+def lora_alpha(cfg):
+    return cfg.lora_alpha or 2.0 * cfg.lora_rank
+
+
+def lora_base_reference(init_from):
+    """How a LoRA run names its base: a checkpoint by its absolute path (so sample.py finds it
+    from any folder), a hub model by its name."""
+    if os.path.exists(init_from):
+        path = os.path.abspath(init_from)
+        return os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    return init_from
+
+
+def lora_size_line(path, settings):
+    adapter_bytes = os.path.getsize(path)
+    base = settings["base"]
+    if os.path.isfile(base):
+        base_bytes, what = os.path.getsize(base), f"the base's checkpoint {base}"
+    else:  # a hub model: its weights in float32
+        base_bytes, what = 4 * settings["base_parameters"], f"the base {base} in float32"
+    return (f"adapter checkpoint {path}: {adapter_bytes / 1e6:.2f} MB (weights, optimizer state and run state), "
+            f"{adapter_bytes / base_bytes:.2%} of {what} ({base_bytes / 1e6:.2f} MB)")
 
 
 def stop_agreed(stop_requested, distributed, at_log_step, device):
@@ -506,6 +563,8 @@ def main():
             checkpoint = imported_checkpoint(cfg.init_from)
         else:
             checkpoint = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt") if resume else cfg.init_from)
+        if resume:
+            check_lora_resume(checkpoint, cfg, given)
         # the model's shape comes from the checkpoint; asking for another one is a mistake
         # (fields a checkpoint predates have their defaults: GPTConfig fills them in)
         saved_model = dataclasses.asdict(GPTConfig(**checkpoint["model_config"]))
@@ -534,6 +593,23 @@ def main():
     train(cfg, checkpoint)
 
 
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def check_lora_resume(checkpoint, cfg, given):
+    """A resumed run keeps its kind: a LoRA run continues its adapter, a full run stays full."""
+    if "lora" not in checkpoint:
+        flags = [f"--{name}" for name in LORA_FIELDS if name in given]
+        if flags:
+            raise UserError(f"{', '.join(flags)} given to resume a run that is not a LoRA run; to train an adapter "
+                            "on its model, start a new run: --init_from=path/to/ckpt.pt --out_dir=NEW --lora_rank=8")
+        return
+    saved = checkpoint["config"]
+    for name in ("lora_rank", "lora_alpha", "lora_targets"):
+        if name in given and getattr(cfg, name) != saved[name]:
+            raise UserError(f"cannot change --{name} of a LoRA run when resuming (the checkpoint has {saved[name]})")
+
+
 def imported_checkpoint(init_from):
     """A GPT-2 or Hugging Face model as the start of a new run: a checkpoint at step 0 holding
     its weights, shape and tokenizer, so training treats it like any checkpoint it fine-tunes."""
@@ -560,6 +636,15 @@ def check_config(cfg):
         raise UserError(f"unknown --optimizer={cfg.optimizer}: use adamw or muon")
     if not 0.0 <= cfg.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.lora_rank < 0:
+        raise UserError(f"--lora_rank must be 0 (off) or more, got {cfg.lora_rank}")
+    if cfg.lora_alpha < 0 or not 0.0 <= cfg.lora_dropout < 1.0:
+        raise UserError("--lora_alpha must be 0 (twice the rank) or more and --lora_dropout in [0, 1)")
+    if cfg.lora_rank:
+        if cfg.init_from == "scratch":
+            raise UserError("LoRA adapts a trained model: give its base with --init_from=path/to/ckpt.pt "
+                            "(or gpt2, hf:...), or leave --lora_rank at 0 to train from scratch")
+        lora.parse_targets(cfg.lora_targets, cfg.arch)
 
 
 if __name__ == "__main__":

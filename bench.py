@@ -2,7 +2,7 @@
 
     python bench.py                       # everything, printed as one table
     python bench.py --json                # the same figures as JSON
-    python bench.py --sections=generate   # only some: train, generate, runpy, tokenizer, hf, lora
+    python bench.py --sections=generate   # only some: train, generate, runpy, tokenizer, hf, lora, recipe
     python bench.py --train_config=configs/gpt2_124m.toml --compile_too   # a GPU training figure
 
 What it measures:
@@ -19,12 +19,16 @@ What it measures:
              memory of a GPT-2-124M-shaped model (random weights, each in its own process),
              checkpoint sizes, and the val loss on a fine-tuning set (the standard library's
              tests) after the same wall time, from a small model trained on the default corpus
+  recipe     the training recipe's ablation on Tiny Shakespeare (data/shakespeare_char): nanoGPT's
+             CPU recipe, each change alone on top of it, and configs/shakespeare_char_cpu.toml;
+             val loss after the same wall time and the seconds to reach val 1.90
 Every figure is the median of several repeats after a warm-up; ratios compare figures from
 this same run, never numbers from elsewhere.
 """
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -42,8 +46,8 @@ from model.checkpoint import save_checkpoint
 from model.gpt import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-USAGE = "usage: python bench.py [--sections=train,generate,runpy,tokenizer,hf,lora] [--json] [--field=value ...]"
-SECTIONS = ("train", "generate", "runpy", "tokenizer", "hf", "lora")
+USAGE = "usage: python bench.py [--sections=train,generate,runpy,tokenizer,hf,lora,recipe] [--json] [--field=value ...]"
+SECTIONS = ("train", "generate", "runpy", "tokenizer", "hf", "lora", "recipe")
 
 # The training shapes of the CPU benchmark: the Shakespeare CPU recipe's model, and the
 # well-known GPU recipe's model at a short batch.
@@ -55,7 +59,7 @@ TRAIN_SHAPES = {
 
 @dataclass
 class BenchConfig:
-    sections: str = field("train,generate,runpy,tokenizer", "comma-separated sections to run (also: hf, lora)")
+    sections: str = field("train,generate,runpy,tokenizer", "comma-separated sections to run (also: hf, lora, recipe)")
     device: str = field("auto", "auto | cpu | cuda | mps")
     repeats: int = field(3, "timed repeats per figure (the median is reported)")
     train_steps: int = field(40, "training steps per measurement (the first 10 are warm-up)")
@@ -67,6 +71,10 @@ class BenchConfig:
     lora_steps: int = field(3, "lora: timed training steps of the 124M-shaped model per way (after one warm-up)")
     lora_seconds: float = field(60.0, "lora: wall time each way fine-tunes the small model for")
     lora_base: str = field("", "lora: the small base checkpoint (trained on pystdlib; '' = train one for 300 steps)")
+    recipe_seconds: float = field(90.0, "recipe: wall-clock budget of each training run")
+    recipe_dataset: str = field("shakespeare_char", "recipe: the prepared character-level data set")
+    recipe_seeds: int = field(1, "recipe: runs per variant with different seeds (mean and spread reported)")
+    recipe_variants: str = field("", "recipe: comma-separated variant names to run ('' = all)")
     json: bool = field(False, "print the figures as JSON instead of a table")
 
 
@@ -170,7 +178,7 @@ def run_command(command, what):
 
 
 def bench_bpe(cfg, rows):
-    from data.prepare import STDLIB, read_documents
+    from data.dataset import STDLIB, read_documents
     from model.tokenizer import train_bpe
 
     documents, _ = read_documents(STDLIB, "data", "train", "text", 0)
@@ -282,13 +290,12 @@ def saved_size(obj):
 def prepare_fine_tuning(model, way):
     """Freeze for LoRA (adapters on q, v) or leave every weight trainable; the optimizer train.py builds."""
     from model import lora
-    from train import TrainConfig, make_optimizer
+    from model.optimizer import make_optimizer
 
     if way == "lora":
         lora.add_lora(model, LORA_RANK, 2.0 * LORA_RANK, 0.0, LORA_TARGETS)
     learning_rate = 2e-3 if way == "lora" else 3e-4  # each way's usual scale (adapters start at zero)
-    cfg = TrainConfig(learning_rate=learning_rate, weight_decay=0.0)
-    return make_optimizer(model, cfg, model.wte.weight.device.type)
+    return make_optimizer(model, model.wte.weight.device.type, learning_rate=learning_rate, weight_decay=0.0)
 
 
 def lora_step_figures(way, steps, device):
@@ -397,6 +404,66 @@ def bench_lora_loss(cfg, device, rows, ways):
         rows.append((f"{name}: val loss", f"{setting} ({steps} steps)", validation_loss(model, val_loader), "nats"))
 
 
+# nanoGPT's CPU recipe for Tiny Shakespeare, flag for flag (its README): the baseline.
+RECIPE_BASELINE = ["--arch=gpt2", "--n_layer=4", "--n_head=4", "--n_embd=128", "--block_size=64", "--batch_size=12",
+                   "--dropout=0.0", "--learning_rate=1e-3", "--min_lr=1e-4", "--warmup_iters=100", "--beta2=0.99",
+                   "--beta1=0.9", "--weight_decay=0.1", "--grad_clip=1.0", "--optimizer=adamw", "--lr_schedule=cosine",
+                   "--tie_embeddings=true", "--mlp_activation=gelu", "--qk_norm=false", "--zero_init_proj=false",
+                   "--logit_softcap=0"]
+# Each change alone on top of the baseline; then the preset, which keeps what won.
+RECIPE_CHANGES = {
+    "baseline (nanoGPT CPU)": [],
+    "+ Muon": ["--optimizer=muon"],
+    "+ ReLU squared": ["--mlp_activation=relu2"],
+    "+ QK-norm": ["--qk_norm=true"],
+    "+ untied head": ["--tie_embeddings=false"],
+    "+ zero-init projections": ["--zero_init_proj=true"],
+    "+ logit soft-cap 30": ["--logit_softcap=30"],
+    "+ warmup-stable-decay": ["--lr_schedule=wsd"],
+}
+RECIPE_PRESET = "configs/shakespeare_char_cpu.toml"
+RECIPE_TARGET = 1.90  # nanoGPT's CPU recipe ends near 1.88: the time to this loss compares speed
+
+
+def recipe_run(cfg, device, flags, seed, max_iters, out_dir):
+    """One training run in its own process; its evaluations from log.jsonl."""
+    run_command([sys.executable, "train.py", RECIPE_PRESET, *flags, f"--dataset={cfg.recipe_dataset}",
+                 f"--data_root={cfg.data_root}", f"--out_dir={out_dir}", f"--max_iters={max_iters}",
+                 f"--lr_decay_iters={max_iters}", "--eval_interval=100", "--eval_iters=20", "--log_interval=10",
+                 "--sample_tokens=0", "--plot=false", f"--device={device}", f"--seed={seed}"], "recipe training")
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def bench_recipe(cfg, device, rows):
+    """Val loss after the same wall time, and the time to reach val 1.90, for the baseline,
+    each change alone, and the preset. A short run first measures each variant's steps per
+    second, so that its schedule (warm-up, decay) fits the budget exactly."""
+    variants = dict(RECIPE_CHANGES, **{"preset (what is kept)": None})
+    if cfg.recipe_variants:
+        wanted = [name.strip() for name in cfg.recipe_variants.split(",")]
+        variants = {name: flags for name, flags in variants.items() if name in wanted}
+    for name, change in variants.items():
+        flags = [] if change is None else RECIPE_BASELINE + change
+        with tempfile.TemporaryDirectory() as scratch:
+            records = recipe_run(cfg, device, flags, 0, 60, os.path.join(scratch, "calibrate"))
+            speed = statistics.median(r["tokens_per_s"] for r in records if "tokens_per_s" in r and r["step"] > 20)
+            tokens_per_step = records[-1]["tokens"] / records[-1]["step"]
+            # evaluations take about 6% of a run at eval_interval=100
+            max_iters = int(cfg.recipe_seconds * 0.94 * speed / tokens_per_step)
+            finals, reached, elapsed = [], [], []
+            for seed in range(cfg.recipe_seeds):
+                evals = [r for r in recipe_run(cfg, device, flags, 1337 + seed, max_iters,
+                                               os.path.join(scratch, f"seed{seed}")) if "val_loss" in r]
+                finals.append(evals[-1]["val_loss"])
+                elapsed.append(evals[-1]["elapsed_s"])
+                reached += [next((r["elapsed_s"] for r in evals if r["val_loss"] <= RECIPE_TARGET), math.inf)]
+        spread = f" (+-{statistics.stdev(finals):.3f} over {len(finals)} seeds)" if len(finals) > 1 else ""
+        rows.append((f"recipe: {name}", f"val loss after {statistics.mean(elapsed):.0f} s, {max_iters} steps{spread}",
+                     statistics.mean(finals), "nats"))
+        rows.append((f"recipe: {name}", f"seconds to val {RECIPE_TARGET}", statistics.median(reached), "s"))
+
+
 def machine_description(device):
     cpu = platform.processor() or platform.machine()
     try:
@@ -441,6 +508,8 @@ def main():
         bench_hf(cfg, device, rows)
     if "lora" in sections:
         bench_lora(cfg, device, rows)
+    if "recipe" in sections:
+        bench_recipe(cfg, device, rows)
     machine = machine_description(device)
     if cfg.json:
         print(json.dumps({"machine": machine, "config": dataclasses.asdict(cfg),

@@ -558,7 +558,8 @@ def explain(cfg):
 
 def print_tables(doc, cfg):
     c = doc["checkpoint"]
-    print(f"model: {c['path']}, {c['arch']}, {c['parameters']:,} parameters, step {c['step']}, "
+    origin = f"step {c['step']}" if c["step"] is not None else "imported"
+    print(f"model: {c['path']}, {c['arch']}, {c['parameters']:,} parameters, {origin}, "
           f"{c['tokenizer']} tokenizer ({c['vocab_size']} tokens), context {c['block_size']}")
     if "tokens" in doc:
         if doc["prompt"]["cropped"]:

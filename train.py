@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import time
@@ -29,6 +30,7 @@ from model.checkpoint import (GPT2_SIZES, load_checkpoint, load_model, lora_base
 from model.cli import field, main_guard, parse_config, resolve_device
 from model.errors import UserError
 from model.gpt import GPT, GPTConfig
+from model.optimizer import make_optimizer
 from model.tokenizer import load_tokenizer
 
 USAGE = "usage: python train.py [configs/NAME.toml] [--field=value ...]"
@@ -114,33 +116,6 @@ def learning_rate_at(step, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def make_optimizer(model, cfg, device_type):
-    """AdamW for every parameter, or (--optimizer=muon) Muon for the blocks' weight matrices and
-    AdamW for the rest."""
-    # only what trains: a LoRA run's frozen base needs no optimizer state
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    muon_matrices = []
-    if cfg.optimizer == "muon":
-        # LoRA's adapters stay with AdamW: Muon orthogonalises the update of a whole weight matrix,
-        # and an adapter's thin A and B are not one
-        muon_matrices = [p for name, p in named if name.startswith("blocks.") and p.dim() == 2 and ".lora_" not in name]
-    adamw = [p for _, p in named if not any(p is q for q in muon_matrices)]
-    # Weight decay pulls matrices towards zero; doing that to biases, norms' gains or
-    # 1-D parameters only hurts, so they get none.
-    groups = [{"params": [p for p in adamw if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in adamw if p.dim() < 2], "weight_decay": 0.0}]
-    if cfg.optimizer == "muon":
-        from model.muon import Muon
-
-        # no weight decay on the Muon matrices: their orthogonalised steps already have a fixed size
-        groups.append({"params": muon_matrices, "use_muon": True, "weight_decay": 0.0})
-        return Muon(groups, momentum=cfg.muon_momentum, betas=(cfg.beta1, cfg.beta2))
-    # Fused AdamW updates all parameters in one kernel instead of a dozen per tensor: on CUDA,
-    # and on the CPU too (measured 14% faster for the small CPU model). Apple's mps: the default.
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device_type in ("cuda", "cpu"))
-
-
 def pick_dtype(name, device_type):
     if name == "auto":
         if device_type == "cuda":
@@ -152,11 +127,29 @@ def pick_dtype(name, device_type):
     return dtypes[name]
 
 
+def prepare_command(cfg, meta):
+    """The data/prepare.py command that tokenizes the data set's text with the tokenizer of the
+    model that cfg.init_from names (a model trained here, or one imported from Hugging Face)."""
+    if cfg.init_from == "resume":
+        model_tokenizer = cfg.out_dir
+    elif cfg.init_from in GPT2_SIZES:
+        model_tokenizer = f"hf:{cfg.init_from}"
+    else:  # hf:<folder or owner/name>, or the path of a checkpoint
+        model_tokenizer = cfg.init_from
+    source = meta.get("source", "SOURCE")
+    if source.startswith("python stdlib"):  # how prepare.py describes the pystdlib corpus
+        source = "python:stdlib"
+    words = ["python", "data/prepare.py", cfg.dataset, f"--input={source}", f"--tokenizer={model_tokenizer}"]
+    if cfg.data_root != "data":
+        words.append(f"--data_root={cfg.data_root}")
+    return " ".join(shlex.quote(word) for word in words)
+
+
 def ensure_dataset(cfg, is_master):
     """The prepared data folder; built-in data sets are prepared the first time they are used."""
     data_dir = os.path.join(cfg.data_root, cfg.dataset)
     if not os.path.exists(os.path.join(data_dir, "meta.json")):
-        from data.prepare import BUILTINS, prepare
+        from data.dataset import BUILTINS, prepare
 
         if cfg.dataset not in BUILTINS:
             raise UserError(f"no prepared data set at {data_dir}: run python data/prepare.py {cfg.dataset} --input=...")
@@ -266,8 +259,9 @@ def train(cfg, checkpoint=None):
     data_dir, meta = ensure_dataset(cfg, is_master)
     tokenizer = load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
     if checkpoint is not None and checkpoint["tokenizer"] != tokenizer.to_dict():
-        raise UserError(f"the checkpoint's tokenizer differs from data set {cfg.dataset!r}'s; "
-                        "prepare the data with the same tokenizer")
+        raise UserError(f"data set {cfg.dataset!r} was prepared with another tokenizer ({meta['tokenizer']}, "
+                        f"{meta['vocab_size']:,} ids) than the model's; prepare it with the model's: "
+                        f"{prepare_command(cfg, meta)}")
     loaders = {split: BatchLoader(data_dir, split, cfg.batch_size, cfg.block_size, cfg.seed, rank=rank,
                                   world_size=world_size, grad_accum=cfg.grad_accum, device=device)
                for split in ("train", "val")}
@@ -303,7 +297,8 @@ def train(cfg, checkpoint=None):
         model = torch.compile(model)
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    optimizer = make_optimizer(raw_model, cfg, device_type)
+    optimizer = make_optimizer(raw_model, device_type, cfg.optimizer, cfg.learning_rate, cfg.weight_decay,
+                               (cfg.beta1, cfg.beta2), cfg.muon_momentum)
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
 

@@ -279,7 +279,8 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             # Tied embeddings: the same matrix turns tokens into vectors and vectors into scores.
             self.lm_head.weight = self.wte.weight
-        self.apply(self._init_weights)
+        if self.wte.weight.device.type != "meta":  # on "meta" (shapes only: weights come from a file) there is nothing to fill
+            self.apply(self._init_weights)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):

@@ -10,11 +10,13 @@ tokenizer.json); transformers itself is never imported, so the runtime needs onl
 safetensors, tokenizers and huggingface_hub.
 """
 
+import contextlib
 import json
 import os
 import re
 
 import torch
+import torch.nn as nn
 
 from model.errors import UserError
 from model.files import atomic_write
@@ -212,6 +214,20 @@ class WeightFiles:
             raise UserError(f"cannot read tensor {name} from {self.file_of[name]} ({str(e)[:200]})") from None
 
 
+@contextlib.contextmanager
+def shapes_only():
+    """Build modules on the meta device (shapes, no memory). nn.Embedding's own random init is
+    skipped there: normal_ on meta tensors imports torch's compiler stack, seconds of start-up
+    for numbers that would be overwritten from the file anyway."""
+    reset = nn.Embedding.reset_parameters
+    nn.Embedding.reset_parameters = lambda self: None
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        nn.Embedding.reset_parameters = reset
+
+
 def load_hf_model(folder: str):
     """(our GPT in float32 on the CPU, its tokenizer) from a transformers model folder."""
     if not os.path.isdir(folder):
@@ -221,10 +237,15 @@ def load_hf_model(folder: str):
     weights = WeightFiles(folder)
     # Built on the meta device: no memory and no random init for weights about to be replaced;
     # to_empty then gives each parameter uninitialised float32 memory, filled tensor by tensor.
-    with torch.device("meta"):
+    with shapes_only():
         model = GPT(config)
-    model.to_empty(device="cpu")
-    if config.tie_embeddings:  # to_empty gives each module its own new tensor: tie them again
+    # (model.to_empty(device="cpu") would do this too, but empty_like on meta tensors imports sympy)
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            setattr(module, name, nn.Parameter(torch.empty(tuple(param.shape), dtype=param.dtype)))
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            setattr(module, name, torch.empty(tuple(buffer.shape), dtype=buffer.dtype))
+    if config.tie_embeddings:  # each module got its own new tensor: tie them again
         model.lm_head.weight = model.wte.weight
     if config.arch == "llama":
         model.rope_inv_freq.copy_(rope_frequencies(config))  # a buffer, not a weight: computed
@@ -291,8 +312,16 @@ def hf_state_dict(model) -> dict:
         sizes = [c.n_head * c.head_size, c.n_kv_head * c.head_size, c.n_kv_head * c.head_size]
         for name, part in zip(theirs, tensor.split(sizes) if len(theirs) > 1 else [tensor]):
             out[name] = part
-    # safetensors refuses views and shared memory: each tensor gets its own contiguous copy
-    return {name: tensor.contiguous().clone() for name, tensor in out.items()}
+    return {name: owned(tensor) for name, tensor in out.items()}
+
+
+def owned(tensor):
+    """safetensors stores only tensors that own their memory: transposes and slices get a copy,
+    whole parameters are written as they are (exporting a big model needs little extra memory)."""
+    tensor = tensor.contiguous()
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        tensor = tensor.clone()  # a slice of a bigger tensor (c_attn's q/k/v, unpadded embedding rows)
+    return tensor
 
 
 def save_hf_model(model, tokenizer, folder: str):
@@ -306,7 +335,7 @@ def save_hf_model(model, tokenizer, folder: str):
         raise UserError(f"--output={folder} is a file; give a folder name for the Hugging Face model")
     # everything is computed before the first file is written: an error leaves nothing behind
     config = hf_config(model, tokenizer)
-    weights = safetensors.torch.save(hf_state_dict(model), metadata={"format": "pt"})
+    weights = hf_state_dict(model)
     token_name = lambda id: None if id is None else tokenizer.token_bytes(id).decode("utf-8", errors="replace")
     files = {
         "config.json": config,
@@ -318,7 +347,8 @@ def save_hf_model(model, tokenizer, folder: str):
                                   "clean_up_tokenization_spaces": False},
     }
     with atomic_write(os.path.join(folder, "model.safetensors")) as f:
-        f.write(weights)
+        # safetensors writes the file itself, tensor by tensor, by name: the temporary file's
+        safetensors.torch.save_file(weights, f.name, metadata={"format": "pt"})
     for name, content in files.items():
         with atomic_write(os.path.join(folder, name), "w", encoding="utf-8") as f:
             json.dump(content, f, indent=2, ensure_ascii=False)

@@ -127,11 +127,11 @@ def test_merged_and_unmerged_logits_agree(arch):
 
 
 def test_the_optimizer_receives_only_the_adapter():
-    from train import TrainConfig, make_optimizer
+    from model.optimizer import make_optimizer
 
     model = tiny_model("gpt2")
     lora.add_lora(model, rank=4, alpha=8, dropout=0.0, targets=["q", "v"])
-    optimizer = make_optimizer(model, TrainConfig(), "cpu")
+    optimizer = make_optimizer(model, "cpu")
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     adapters = {id(p) for name, p in model.named_parameters() if ".lora_" in name}
     assert in_optimizer == adapters and len(adapters) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)

@@ -17,6 +17,7 @@ import time
 import urllib.parse
 import urllib.request
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm

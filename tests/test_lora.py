@@ -311,3 +311,46 @@ def test_peft_export_and_compare_base_need_a_lora_run(runs, tmp_path):
     assert not (tmp_path / "adapter").exists()
     assert_clean_error(run_script("explain.py", f"--out_dir={runs.base_gpt2}", "--compare_base", "--device=cpu",
                                   check=False))
+
+
+def test_lora_on_a_hugging_face_folder_names_it_as_its_base(tmp_path):
+    """The README's GPT-2 recipe with --lora_rank, offline: a tiny GPT-2 in a local folder."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+
+    from model.hf import save_hf_model
+    from model.tokenizer import HFTokenizer
+
+    text = learnable_corpus(n_chars=20_000)
+    tok = Tokenizer(BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = HFTokenizer(tok.to_str(), None, 0)
+    folder, notes, data_root, out_dir = tmp_path / "tiny-gpt2", tmp_path / "notes.txt", tmp_path / "data", tmp_path / "out"
+    save_hf_model(tiny_model("gpt2", vocab_size=300, block_size=64), tokenizer, str(folder))
+    notes.write_text(text)
+    run_script("data/prepare.py", "notes", f"--input={notes}", f"--tokenizer=hf:{folder}", f"--data_root={data_root}")
+    fine_tune = ["train.py", f"--init_from=hf:{folder}", "--dataset=notes", f"--data_root={data_root}",
+                 f"--out_dir={out_dir}", "--eval_interval=1000", "--batch_size=4", "--block_size=32", "--eval_iters=2",
+                 "--log_interval=1", "--sample_tokens=0", "--device=cpu", "--plot=false", "--lora_rank=4",
+                 "--lora_dropout=0.1", "--learning_rate=1e-2", "--lr_decay_iters=8"]
+    result = run_script(*fine_tune, "--max_iters=4")
+    assert "LoRA r=4 on q,v: 1,024 trainable of" in result.stderr and "the base hf:" in result.stderr
+    assert load_checkpoint(out_dir)["lora"]["base"] == f"hf:{folder}"
+    run_script("train.py", "--init_from=resume", f"--out_dir={out_dir}", "--max_iters=8")  # the base by its name
+    straight = tmp_path / "straight"
+    run_script(*[a for a in fine_tune if not a.startswith("--out_dir")], f"--out_dir={straight}", "--max_iters=8")
+    resumed, once = load_checkpoint(out_dir), load_checkpoint(straight)
+    assert all(torch.equal(once["model"][name], resumed["model"][name]) for name in once["model"])
+    sampled = run_script("sample.py", f"--out_dir={out_dir}", "--prompt=alpha", "--temperature=0",
+                         "--max_new_tokens=8", "--device=cpu")
+    assert sampled.stdout.startswith("alpha")
+    # the folder's weights change: the adapter no longer fits
+    changed = tiny_model("gpt2", vocab_size=300, block_size=64)
+    with torch.no_grad():
+        changed.ln_f.weight += 0.01
+    save_hf_model(changed, tokenizer, str(folder))
+    refused = run_script("sample.py", f"--out_dir={out_dir}", "--device=cpu", check=False)
+    assert_clean_error(refused)
+    assert f"hf:{folder}" in refused.stderr and "has changed" in refused.stderr

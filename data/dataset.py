@@ -5,6 +5,7 @@ sources, tokenizers, split and files in detail), and train.py calls it to prepar
 data set on first use.
 """
 
+import contextlib
 import hashlib
 import http.client
 import json

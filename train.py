@@ -555,7 +555,9 @@ def main():
         if resume:  # continue with the saved settings; only what was given now changes
             base.update({k: v for k, v in checkpoint["config"].items() if k in base})
             base.update({k: getattr(cfg, k) for k in given})
-        base.update({name: saved_model[name] for name in fixed})
+        # a resumed run keeps its own sequence length, which can be shorter than its model's
+        # context (a fine-tuned imported model)
+        base.update({name: saved_model[name] for name in fixed if not (resume and name == "block_size")})
         if imported:
             # a real model's context can be 131,072 tokens; fine-tuning trains on shorter
             # sequences (--block_size, at most the model's own) and the model keeps its context

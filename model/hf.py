@@ -235,11 +235,11 @@ def load_hf_model(folder: str):
     config = gpt_config(read_json(os.path.join(folder, "config.json")))
     tokenizer = hf_tokenizer(folder)
     weights = WeightFiles(folder)
-    # Built on the meta device: no memory and no random init for weights about to be replaced;
-    # to_empty then gives each parameter uninitialised float32 memory, filled tensor by tensor.
+    # Built on the meta device: no memory and no random init for weights about to be replaced.
+    # Then each parameter gets uninitialised float32 memory, filled tensor by tensor from the
+    # files. (model.to_empty would do that too, but empty_like on meta tensors imports sympy.)
     with shapes_only():
         model = GPT(config)
-    # (model.to_empty(device="cpu") would do this too, but empty_like on meta tensors imports sympy)
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
             setattr(module, name, nn.Parameter(torch.empty(tuple(param.shape), dtype=param.dtype)))
@@ -254,20 +254,23 @@ def load_hf_model(folder: str):
         for ours, theirs in hf_names(config).items():
             target, row = params[ours], 0
             transpose = theirs[-1] == "T"
-            for name in theirs[:-1] if transpose else theirs:
+            parts = theirs[:-1] if transpose else theirs
+            for name, rows in zip(parts, qkv_rows(config) if len(parts) == 3 else [target.shape[0]]):
                 tensor = weights.get(name)
                 if transpose:
                     tensor = tensor.t()
-                rows = tensor.shape[0] if len(theirs) > 1 else target.shape[0]
                 expected = (rows, *target.shape[1:])
-                if tuple(tensor.shape) != expected or row + rows > target.shape[0]:
+                if tuple(tensor.shape) != expected:
                     raise UserError(f"tensor {name} has shape {tuple(tensor.shape)} but config.json says "
                                     f"{expected}: the weights do not match the config")
                 target[row:row + rows].copy_(tensor)  # converts bf16/fp16 files to float32 here
                 row += rows
-            if row != target.shape[0]:
-                raise UserError(f"the tensors for {ours} have {row} rows, config.json says {target.shape[0]}")
     return model.eval(), tokenizer
+
+
+def qkv_rows(config):
+    """Rows of c_attn that are the queries, the keys and the values."""
+    return [config.n_head * config.head_size, config.n_kv_head * config.head_size, config.n_kv_head * config.head_size]
 
 
 # ---- writing a transformers folder ----------------------------------------------------------
@@ -309,8 +312,7 @@ def hf_state_dict(model) -> dict:
         if theirs[-1] == "T":
             out[theirs[0]] = tensor.t()
             continue
-        sizes = [c.n_head * c.head_size, c.n_kv_head * c.head_size, c.n_kv_head * c.head_size]
-        for name, part in zip(theirs, tensor.split(sizes) if len(theirs) > 1 else [tensor]):
+        for name, part in zip(theirs, tensor.split(qkv_rows(c)) if len(theirs) > 1 else [tensor]):
             out[name] = part
     return {name: owned(tensor) for name, tensor in out.items()}
 

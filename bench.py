@@ -2,7 +2,7 @@
 
     python bench.py                       # everything, printed as one table
     python bench.py --json                # the same figures as JSON
-    python bench.py --sections=generate   # only some: train, generate, runpy, tokenizer
+    python bench.py --sections=generate   # only some: train, generate, runpy, tokenizer, hf, lora, recipe
     python bench.py --train_config=configs/gpt2_124m.toml --compile_too   # a GPU training figure
 
 What it measures:
@@ -15,12 +15,20 @@ What it measures:
   hf         imported GPT-2 shapes (random weights saved by transformers, no download): import
              time and peak memory for 124M and 350M, and greedy generation of the 124M model
              here against transformers' own generate on the same weights
+  lora       full fine-tuning against LoRA (r=8 on q,v) on the same base: step time and peak
+             memory of a GPT-2-124M-shaped model (random weights, each in its own process),
+             checkpoint sizes, and the val loss on a fine-tuning set (the standard library's
+             tests) after the same wall time, from a small model trained on the default corpus
+  recipe     the training recipe's ablation on Tiny Shakespeare (data/shakespeare_char): nanoGPT's
+             CPU recipe, each change alone on top of it, and configs/shakespeare_char_cpu.toml;
+             val loss after the same wall time and the seconds to reach val 1.90
 Every figure is the median of several repeats after a warm-up; ratios compare figures from
 this same run, never numbers from elsewhere.
 """
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -38,7 +46,8 @@ from model.checkpoint import save_checkpoint
 from model.gpt import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-USAGE = "usage: python bench.py [--sections=train,generate,runpy,tokenizer] [--json] [--field=value ...]"
+USAGE = "usage: python bench.py [--sections=train,generate,runpy,tokenizer,hf,lora,recipe] [--json] [--field=value ...]"
+SECTIONS = ("train", "generate", "runpy", "tokenizer", "hf", "lora", "recipe")
 
 # The training shapes of the CPU benchmark: the Shakespeare CPU recipe's model, and the
 # well-known GPU recipe's model at a short batch.
@@ -50,7 +59,7 @@ TRAIN_SHAPES = {
 
 @dataclass
 class BenchConfig:
-    sections: str = field("train,generate,runpy,tokenizer", "comma-separated sections to run (also: hf)")
+    sections: str = field("train,generate,runpy,tokenizer", "comma-separated sections to run (also: hf, lora, recipe)")
     device: str = field("auto", "auto | cpu | cuda | mps")
     repeats: int = field(3, "timed repeats per figure (the median is reported)")
     train_steps: int = field(40, "training steps per measurement (the first 10 are warm-up)")
@@ -59,6 +68,13 @@ class BenchConfig:
     data_root: str = field("data", "folder holding prepared data sets")
     compile_too: bool = field(False, "also measure training under torch.compile")
     new_tokens: int = field(500, "tokens generated per repeat at context 256 (context 1024 uses a fifth)")
+    lora_steps: int = field(3, "lora: timed training steps of the 124M-shaped model per way (after one warm-up)")
+    lora_seconds: float = field(60.0, "lora: wall time each way fine-tunes the small model for")
+    lora_base: str = field("", "lora: the small base checkpoint (trained on pystdlib; '' = train one for 300 steps)")
+    recipe_seconds: float = field(90.0, "recipe: wall-clock budget of each training run")
+    recipe_dataset: str = field("shakespeare_char", "recipe: the prepared character-level data set")
+    recipe_seeds: int = field(1, "recipe: runs per variant with different seeds (mean and spread reported)")
+    recipe_variants: str = field("", "recipe: comma-separated variant names to run ('' = all)")
     json: bool = field(False, "print the figures as JSON instead of a table")
 
 
@@ -162,7 +178,7 @@ def run_command(command, what):
 
 
 def bench_bpe(cfg, rows):
-    from data.prepare import STDLIB, read_documents
+    from data.dataset import STDLIB, read_documents
     from model.tokenizer import train_bpe
 
     documents, _ = read_documents(STDLIB, "data", "train", "text", 0)
@@ -245,6 +261,208 @@ def bench_hf(cfg, device, rows):
             rows.append(("GPT-2 124M greedy generation", f"{who}, {new_tokens} new tokens", speeds[who], "tok/s"))
         rows.append(("generation here vs transformers", "GPT-2 124M", speeds["here"] / speeds["transformers"], "x"))
 
+# ---- full fine-tuning against LoRA -------------------------------------------------------------
+
+LORA_RANK, LORA_TARGETS = 8, ["q", "v"]
+LORA_BATCH, LORA_CONTEXT = 1, 128  # the 124M-shaped model's batch: a few CPU seconds per step
+
+
+class ByteCounter:
+    """A file that only counts what is written to it: a checkpoint's size without the disk."""
+
+    def __init__(self):
+        self.size = 0
+
+    def write(self, data):
+        self.size += len(data)
+        return len(data)
+
+    def flush(self):
+        pass
+
+
+def saved_size(obj):
+    counter = ByteCounter()
+    torch.save(obj, counter)
+    return counter.size
+
+
+def prepare_fine_tuning(model, way):
+    """Freeze for LoRA (adapters on q, v) or leave every weight trainable; the optimizer train.py builds."""
+    from model import lora
+    from model.optimizer import make_optimizer
+
+    if way == "lora":
+        lora.add_lora(model, LORA_RANK, 2.0 * LORA_RANK, 0.0, LORA_TARGETS)
+    learning_rate = 2e-3 if way == "lora" else 3e-4  # each way's usual scale (adapters start at zero)
+    return make_optimizer(model, model.wte.weight.device.type, learning_rate=learning_rate, weight_decay=0.0)
+
+
+def lora_step_figures(way, steps, device):
+    """Run in a process of its own (peak memory is per process): train a GPT-2-124M-shaped model
+    with random weights for `steps` steps one way; print step time, peak memory, checkpoint sizes."""
+    import resource
+
+    from model import lora
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=LORA_CONTEXT)).to(device)
+    base_bytes = saved_size(model.state_dict())
+    optimizer = prepare_fine_tuning(model, way)
+    x = torch.randint(0, model.config.vocab_size, (LORA_BATCH, LORA_CONTEXT + 1), device=device)
+    times = []
+    for step in range(steps + 1):  # the first is a warm-up: allocations
+        started = time.perf_counter()
+        _, loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    weights = lora.adapter_state_dict(model) if way == "lora" else model.state_dict()
+    checkpoint = saved_size({"model": weights, "optimizer": optimizer.state_dict()})
+    print(json.dumps({"step_s": statistics.median(times[1:]), "peak_bytes": peak, "checkpoint_bytes": checkpoint,
+                      "base_bytes": base_bytes,
+                      "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}))
+
+
+@torch.no_grad()
+def validation_loss(model, loader, batches=20):
+    model.eval()
+    total = sum(float(model(*loader.eval_batch(i))[1]) for i in range(batches))
+    model.train()
+    return total / batches
+
+
+def bench_lora(cfg, device, rows):
+    ways = {"full": "full fine-tuning", "lora": f"LoRA r={LORA_RANK} on {','.join(LORA_TARGETS)}"}
+    # 1. speed and memory, GPT-2-124M-shaped, each way in its own process
+    figures = {}
+    for way in ways:
+        code = f"import bench; bench.lora_step_figures({way!r}, {cfg.lora_steps}, {device!r})"
+        result = run_command([sys.executable, "-c", code], "LoRA")
+        figures[way] = json.loads(result.stdout.strip().splitlines()[-1])
+    shape = f"124M shape, {LORA_BATCH}x{LORA_CONTEXT} tokens"
+    for way, name in ways.items():
+        f = figures[way]
+        rows.append((f"{name}: trainable", "124M shape", f["trainable"], "params"))
+        rows.append((f"{name}: step time", shape, f["step_s"], "s"))
+        rows.append((f"{name}: peak memory", shape, f["peak_bytes"] / 2**20, "MiB"))
+        rows.append((f"{name}: checkpoint", "weights + optimizer state", f["checkpoint_bytes"] / 1e6, "MB"))
+    full, lora_figures = figures["full"], figures["lora"]
+    rows.append(("LoRA / full: step time", shape, lora_figures["step_s"] / full["step_s"], "x"))
+    rows.append(("LoRA / full: peak memory", shape + " (goal <= 0.60)", lora_figures["peak_bytes"] / full["peak_bytes"], "x"))
+    rows.append(("LoRA checkpoint / base weights", f"base {full['base_bytes'] / 1e6:.0f} MB (goal <= 1%)",
+                 100 * lora_figures["checkpoint_bytes"] / full["base_bytes"], "%"))
+    # 2. val loss after the same wall time, from a small model trained here
+    bench_lora_loss(cfg, device, rows, ways)
+
+
+def bench_lora_loss(cfg, device, rows, ways):
+    from data.loader import BatchLoader
+    import sysconfig
+
+    from model.checkpoint import load_checkpoint, model_from_checkpoint
+
+    with tempfile.TemporaryDirectory() as scratch:
+        base = cfg.lora_base
+        if not base:
+            base = os.path.join(scratch, "base")
+            run_command([sys.executable, "train.py", "--max_iters=300", "--eval_interval=300", "--sample_tokens=0",
+                         "--plot=false", f"--data_root={cfg.data_root}", f"--out_dir={base}", f"--device={device}"],
+                        "LoRA base training")
+        checkpoint = load_checkpoint(base)
+        tuning = "pystdlib-tests"  # the standard library's own tests: code the base has not seen
+        tokenizer_file = os.path.join(cfg.data_root, checkpoint["config"]["dataset"], "tokenizer.json")
+        if not os.path.exists(os.path.join(cfg.data_root, tuning, "meta.json")):
+            run_command([sys.executable, "data/prepare.py", tuning, f"--input={os.path.join(sysconfig.get_paths()['stdlib'], 'test')}",
+                         "--tokenizer=bpe", f"--tokenizer_file={tokenizer_file}", "--max_bytes=4000000",
+                         f"--data_root={cfg.data_root}"], "LoRA data preparation")
+    block_size, batch_size = checkpoint["model_config"]["block_size"], 16
+    val_loader = BatchLoader(os.path.join(cfg.data_root, tuning), "val", batch_size, block_size, 0, device=device)
+    setting = f"{tuning}, {cfg.lora_seconds:.0f} s each"
+    for way, name in ways.items():
+        torch.manual_seed(0)
+        model, _ = model_from_checkpoint(checkpoint, device=device)
+        if way == "full":
+            rows.append(("val loss of the base", tuning, validation_loss(model, val_loader), "nats"))
+        optimizer = prepare_fine_tuning(model, way)
+        # the same batches in the same order for both ways
+        train_loader = BatchLoader(os.path.join(cfg.data_root, tuning), "train", batch_size, block_size, 0, device=device)
+        steps, started = 0, time.perf_counter()
+        while time.perf_counter() - started < cfg.lora_seconds:
+            _, loss = model(*train_loader.next_batch())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps += 1
+        rows.append((f"{name}: val loss", f"{setting} ({steps} steps)", validation_loss(model, val_loader), "nats"))
+
+
+# nanoGPT's CPU recipe for Tiny Shakespeare, flag for flag (its README): the baseline.
+RECIPE_BASELINE = ["--arch=gpt2", "--n_layer=4", "--n_head=4", "--n_embd=128", "--block_size=64", "--batch_size=12",
+                   "--dropout=0.0", "--learning_rate=1e-3", "--min_lr=1e-4", "--warmup_iters=100", "--beta2=0.99",
+                   "--beta1=0.9", "--weight_decay=0.1", "--grad_clip=1.0", "--optimizer=adamw", "--lr_schedule=cosine",
+                   "--tie_embeddings=true", "--mlp_activation=gelu", "--qk_norm=false", "--zero_init_proj=false",
+                   "--logit_softcap=0"]
+# Each change alone on top of the baseline; then the preset, which keeps what won.
+RECIPE_CHANGES = {
+    "baseline (nanoGPT CPU)": [],
+    "+ Muon": ["--optimizer=muon"],
+    "+ ReLU squared": ["--mlp_activation=relu2"],
+    "+ QK-norm": ["--qk_norm=true"],
+    "+ untied head": ["--tie_embeddings=false"],
+    "+ zero-init projections": ["--zero_init_proj=true"],
+    "+ logit soft-cap 30": ["--logit_softcap=30"],
+    "+ warmup-stable-decay": ["--lr_schedule=wsd"],
+}
+RECIPE_PRESET = "configs/shakespeare_char_cpu.toml"
+RECIPE_TARGET = 1.90  # nanoGPT's CPU recipe ends near 1.88: the time to this loss compares speed
+
+
+def recipe_run(cfg, device, flags, seed, max_iters, out_dir):
+    """One training run in its own process; its evaluations from log.jsonl."""
+    run_command([sys.executable, "train.py", RECIPE_PRESET, *flags, f"--dataset={cfg.recipe_dataset}",
+                 f"--data_root={cfg.data_root}", f"--out_dir={out_dir}", f"--max_iters={max_iters}",
+                 f"--lr_decay_iters={max_iters}", "--eval_interval=100", "--eval_iters=20", "--log_interval=10",
+                 "--sample_tokens=0", "--plot=false", f"--device={device}", f"--seed={seed}"], "recipe training")
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def bench_recipe(cfg, device, rows):
+    """Val loss after the same wall time, and the time to reach val 1.90, for the baseline,
+    each change alone, and the preset. A short run first measures each variant's steps per
+    second, so that its schedule (warm-up, decay) fits the budget exactly."""
+    variants = dict(RECIPE_CHANGES, **{"preset (what is kept)": None})
+    if cfg.recipe_variants:
+        wanted = [name.strip() for name in cfg.recipe_variants.split(",")]
+        variants = {name: flags for name, flags in variants.items() if name in wanted}
+    for name, change in variants.items():
+        flags = [] if change is None else RECIPE_BASELINE + change
+        with tempfile.TemporaryDirectory() as scratch:
+            records = recipe_run(cfg, device, flags, 0, 60, os.path.join(scratch, "calibrate"))
+            speed = statistics.median(r["tokens_per_s"] for r in records if "tokens_per_s" in r and r["step"] > 20)
+            tokens_per_step = records[-1]["tokens"] / records[-1]["step"]
+            # evaluations take about 6% of a run at eval_interval=100
+            max_iters = int(cfg.recipe_seconds * 0.94 * speed / tokens_per_step)
+            finals, reached, elapsed = [], [], []
+            for seed in range(cfg.recipe_seeds):
+                evals = [r for r in recipe_run(cfg, device, flags, 1337 + seed, max_iters,
+                                               os.path.join(scratch, f"seed{seed}")) if "val_loss" in r]
+                finals.append(evals[-1]["val_loss"])
+                elapsed.append(evals[-1]["elapsed_s"])
+                reached += [next((r["elapsed_s"] for r in evals if r["val_loss"] <= RECIPE_TARGET), math.inf)]
+        spread = f" (+-{statistics.stdev(finals):.3f} over {len(finals)} seeds)" if len(finals) > 1 else ""
+        rows.append((f"recipe: {name}", f"val loss after {statistics.mean(elapsed):.0f} s, {max_iters} steps{spread}",
+                     statistics.mean(finals), "nats"))
+        rows.append((f"recipe: {name}", f"seconds to val {RECIPE_TARGET}", statistics.median(reached), "s"))
+
 
 def machine_description(device):
     cpu = platform.processor() or platform.machine()
@@ -271,9 +489,9 @@ def print_table(rows, machine):
 def main():
     cfg = parse_config(BenchConfig, sys.argv[1:], USAGE)
     sections = [s.strip() for s in cfg.sections.split(",") if s.strip()]
-    unknown = set(sections) - {"train", "generate", "runpy", "tokenizer", "hf"}
+    unknown = set(sections) - set(SECTIONS)
     if unknown:
-        raise UserError(f"unknown section(s) {', '.join(sorted(unknown))}: use train, generate, runpy, tokenizer, hf")
+        raise UserError(f"unknown section(s) {', '.join(sorted(unknown))}: use {', '.join(SECTIONS)}")
     if cfg.repeats < 1 or cfg.train_steps < 15 or cfg.new_tokens < 1:
         raise UserError("--repeats and --new_tokens must be at least 1, --train_steps at least 15")
     device = resolve_device(cfg.device)
@@ -288,6 +506,10 @@ def main():
         bench_bpe(cfg, rows)
     if "hf" in sections:
         bench_hf(cfg, device, rows)
+    if "lora" in sections:
+        bench_lora(cfg, device, rows)
+    if "recipe" in sections:
+        bench_recipe(cfg, device, rows)
     machine = machine_description(device)
     if cfg.json:
         print(json.dumps({"machine": machine, "config": dataclasses.asdict(cfg),

@@ -6,6 +6,7 @@
     python explain.py --neighbors=" return"                    # the closest input embeddings
     python explain.py --prompt="for i in" --logit_lens         # what each layer would already predict
     python explain.py --prompt="for i in" --json               # all of it as one JSON document
+    python explain.py --out_dir=out-lora --prompt="..." --compare_base   # a LoRA run against its base
 
 A model's answer to "what comes next?" is a probability for every token of its vocabulary.
 This script prints those probabilities, the loss they give the text that really follows,
@@ -24,8 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model.checkpoint import load_model
-from model.cli import SamplingOptions, check_sampling_options, field, main_guard, parse_config, read_prompt, resolve_device
+from model.checkpoint import load_checkpoint, load_model, lora_base_from_checkpoint
+from model.cli import (SamplingOptions, check_sampling_options, field, main_guard, parse_config, pick_dtype,
+                       read_prompt, resolve_device)
 from model.errors import UserError
 from model.files import atomic_write
 from model.gpt import filter_logits, sample_next_token
@@ -44,6 +46,7 @@ class ExplainConfig(SamplingOptions):  # temperature, top_k, top_p and seed are 
     head: int = field(-1, "with --attention: draw only this head (0-based; -1 = every head)")
     neighbors: str = field("", "show the tokens whose input embeddings are closest to this text's tokens")
     logit_lens: bool = field(False, "show what the model would predict if it stopped after each layer")
+    compare_base: bool = field(False, "a LoRA run: the base's and the adapted model's predictions side by side")
     json: bool = field(False, "print everything as one JSON document on stdout instead of tables")
 
 
@@ -136,6 +139,26 @@ def explain_prompt(logits, ids, tokenizer, top):
         summary.update(mean_loss=mean, perplexity=math.exp(mean),
                        bits_per_byte=sum(losses) / math.log(2) / n_bytes if n_bytes else None)
     return positions, summary
+
+
+def compare_with_base(base_logits, logits, ids, tokenizer, top):
+    """For every position, the base's and the adapted model's top candidates and the probability
+    each gives the token that really follows: where fine-tuning moved the numbers."""
+    models = {"base": base_logits.softmax(-1), "adapted": logits.softmax(-1)}
+    top = min(top, logits.size(-1))
+    positions = []
+    for i, token_id in enumerate(ids):
+        target = ids[i + 1] if i + 1 < len(ids) else None
+        entry = {"position": i, "token": token_info(tokenizer, token_id),
+                 "next": token_info(tokenizer, target) if target is not None else None}
+        for name, probs in models.items():
+            values, indices = probs[i].topk(top)
+            entry[name] = {"top": [{**token_info(tokenizer, j), "prob": float(p)} for p, j in zip(values, indices)],
+                           "next_prob": float(probs[i, target]) if target is not None else None}
+        positions.append(entry)
+    losses = {name: [-math.log(max(p[name]["next_prob"], 1e-45)) for p in positions if p["next"]] for name in models}
+    summary = {f"{name}_mean_loss": sum(values) / len(values) if values else None for name, values in losses.items()}
+    return {"positions": positions, "summary": summary}
 
 
 # ---- generation: which token was picked, and what the filters cut ---------------------------
@@ -363,6 +386,29 @@ def print_prompt_table(doc, top):
         print("\nprompt: one token, so there is no next token in it to score")
 
 
+def print_comparison(comparison, base):
+    positions = comparison["positions"]
+    width = min(10, max(len(show(c["text"])) for p in positions for m in ("base", "adapted") for c in p[m]["top"]))
+    top = len(positions[0]["base"]["top"])
+    cell = max(top * (width + 7), 20)
+    print(f"\nthe base ({base}) against the adapted model: top {top} candidates each, and the probability of "
+          "the actual next token")
+    token_width = max(width, 5)
+    print(f"{'pos':>4}  {'token':<{token_width}}  {'base':<{cell}}  {'adapted':<{cell}}  {'actual next':<{max(width, 11)}} "
+          f"{'base':>7} {'adapted':>7}")
+    for p in positions:
+        cells = [" ".join(f"{show(c['text'], width):<{width}} {prob_text(c['prob']):<5}" for c in p[m]["top"])
+                 for m in ("base", "adapted")]
+        row = f"{p['position']:>4}  {show(p['token']['text'], width):<{token_width}}  {cells[0]:<{cell}}  {cells[1]:<{cell}}  "
+        if p["next"]:
+            row += (f"{show(p['next']['text'], width):<{max(width, 11)}} {prob_text(p['base']['next_prob']):>7} "
+                    f"{prob_text(p['adapted']['next_prob']):>7}")
+        print(row.rstrip())
+    s = comparison["summary"]
+    if s["base_mean_loss"] is not None:
+        print(f"mean loss on the prompt: base {s['base_mean_loss']:.4f}, adapted {s['adapted_mean_loss']:.4f} nats/token")
+
+
 def print_generation(generation, top):
     g = generation
     print(f"\ngenerated {len(g['steps'])} tokens (temperature {g['temperature']}, top_k {g['top_k'] or 'off'}, "
@@ -447,7 +493,14 @@ def check_config(cfg):
 def explain(cfg):
     """Everything asked for, as one JSON-able dict (the tables are printed from it)."""
     device = resolve_device(cfg.device)
-    model, tokenizer, source = load_model(cfg.init_from, cfg.out_dir, device=device)
+    model, tokenizer, source = load_model(cfg.init_from, cfg.out_dir, device=device,
+                                          dtype=pick_dtype(cfg.dtype, device.split(":")[0]))
+    lora_checkpoint = {}
+    if cfg.compare_base:
+        if source["step"] is not None:  # a checkpoint trained here: it may hold an adapter
+            lora_checkpoint = load_checkpoint(source["path"])
+        if "lora" not in lora_checkpoint:
+            raise UserError(f"--compare_base compares a LoRA run with its base, and {source['path']} is not a LoRA run")
     model.eval()
     config = model.config
     for name, value, limit in (("layer", cfg.layer, config.n_layer), ("head", cfg.head, config.n_head)):
@@ -461,7 +514,8 @@ def explain(cfg):
                           "n_embd": config.n_embd, "block_size": config.block_size,
                           "tokenizer": tokenizer.kind, "vocab_size": config.vocab_size}}
     # --neighbors on its own needs no prompt
-    wants_prompt = bool(cfg.prompt) or not cfg.neighbors or cfg.generate or cfg.attention or cfg.logit_lens
+    wants_prompt = (bool(cfg.prompt) or not cfg.neighbors or cfg.generate or cfg.attention or cfg.logit_lens
+                    or cfg.compare_base)
     if wants_prompt:
         ids, _ = read_prompt(cfg.prompt, tokenizer)
         cropped = max(0, len(ids) - config.block_size)
@@ -471,6 +525,11 @@ def explain(cfg):
         logits, weights, residuals = forward_with_internals(model, ids, attention=bool(cfg.attention),
                                                             residuals=cfg.logit_lens)
         doc["positions"], doc["summary"] = explain_prompt(logits, ids, tokenizer, cfg.top)
+        if cfg.compare_base:
+            base_model, _ = lora_base_from_checkpoint(lora_checkpoint)
+            base_logits, _, _ = forward_with_internals(base_model.to(device).eval(), ids)
+            doc["compare_base"] = {"base": lora_checkpoint["lora"]["base"],
+                                   **compare_with_base(base_logits, logits, ids, tokenizer, cfg.top)}
         if cfg.generate:
             doc["generation"] = explain_generation(model, tokenizer, ids, cfg)
         if cfg.attention:
@@ -510,6 +569,8 @@ def print_tables(doc, cfg):
                   f"were cropped and the last {c['block_size']} are explained")
         print_tokens(doc)
         print_prompt_table(doc, cfg.top)
+    if "compare_base" in doc:
+        print_comparison(doc["compare_base"], doc["compare_base"]["base"])
     if "generation" in doc:
         print_generation(doc["generation"], cfg.top)
     if "attention" in doc:

@@ -4,6 +4,10 @@ or as a Hugging Face model folder that transformers loads.
     python export.py --out_dir=out                 # out/ckpt.pt -> out/model.bin
     python run.py out/model.bin --prompt="def "    # no torch needed from here on
     python export.py --out_dir=out --format=hf --output=my-model   # AutoModelForCausalLM.from_pretrained("my-model")
+    python export.py --out_dir=out-lora --format=peft --output=adapter   # a LoRA run's adapter for peft
+
+A LoRA run's out_dir exports the merged model (its base with the adapter added in), or with
+--format=peft the adapter alone.
 
 The file holds a small header (the model's sizes), the tokenizer (every token's bytes),
 then every weight as little-endian float32, in the order run.weight_layout lists them.
@@ -11,6 +15,7 @@ The layout is defined once, by its reader, so the two can never disagree. README
 describes the format byte by byte.
 """
 
+import json
 import math
 import os
 import struct
@@ -19,21 +24,28 @@ from dataclasses import dataclass
 
 import torch
 
-from model.checkpoint import load_model
+from model import gpt, lora
+from model.checkpoint import GPT2_SIZES, load_checkpoint, load_model
 from model.cli import field, main_guard, parse_config
 from model.errors import UserError
 from model.files import atomic_write
-from run import ARCHS, HEADER, MAGIC, TOKENIZER_KINDS, VERSION, Config, weight_layout
+from model.tokenizer import GPT2_SPLIT_PATTERN
+from run import ACTIVATIONS, ARCHS, HEADER, LLAMA3_SPLIT_PATTERN, MAGIC, TOKENIZER_KINDS, VERSION, Config, Tokenizer, weight_layout
 
-USAGE = "usage: python export.py [--out_dir=out] [--init_from=resume] [--format=bin|hf] [--output=out/model.bin]"
+USAGE = "usage: python export.py [--out_dir=out] [--init_from=resume] [--format=bin|hf|peft] [--output=out/model.bin]"
+FORMATS = ("bin", "hf", "peft")
+# Text that exercises every part of the split rules: run.py's encoder must give it the tokenizer's ids.
+CHECK_TEXT = ("Hello, world! It's 2024: don't WE'LL 12345 3.14 x²  \t tabs\n\n\r\n  spaces   end\n"
+              "café naïve Ωmega 日本語の文章 😀👍 १२३ ١٢٣ <b>a+=1;</b> $(pwd) 'quoted' \u3000ideo\u00a0nbsp ")
 
 
 @dataclass
 class ExportConfig:
     out_dir: str = field("out", "folder with ckpt.pt (or the path of a checkpoint file)")
     init_from: str = field("resume", "resume (the checkpoint in --out_dir) | path/to/ckpt.pt | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | hf:<folder or owner/name>")
-    format: str = field("bin", "bin (one file for run.py) | hf (a folder for transformers' from_pretrained)")
-    output: str = field("", "file (bin) or folder (hf) to write ('' = model.bin or hf/ next to the checkpoint)")
+    format: str = field("bin", "bin (one file for run.py) | hf (a folder for transformers' from_pretrained) | "
+                        "peft (a LoRA run's adapter alone, for the peft library)")
+    output: str = field("", "file (bin) or folder (hf, peft) to write ('' = model.bin, hf/ or adapter/ next to the checkpoint)")
 
 
 def length_prefixed(data: bytes) -> bytes:
@@ -43,40 +55,143 @@ def length_prefixed(data: bytes) -> bytes:
 def file_config(model):
     """Everything run.py's forward pass needs to know about the model's shape."""
     c = model.config
-    return Config(c.arch, c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_embd, c.mlp_hidden,
-                  model.ln_f.eps, c.rope_theta)
+    return Config(c.arch, c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_kv_head, c.n_embd, c.head_size,
+                  c.mlp_hidden, c.tie_embeddings, c.mlp_activation, c.qk_norm, c.norm_eps, c.logit_softcap)
+
+
+def split_rule_of(pre_tokenizer):
+    """run.py's name for a tokenizer.json pre_tokenizer, or None when run.py has no such rule."""
+    def byte_level(step, use_regex):
+        return (step.get("type") == "ByteLevel" and not step.get("add_prefix_space")
+                and step.get("use_regex", True) == use_regex)
+
+    steps = pre_tokenizer.get("pretokenizers", []) if pre_tokenizer.get("type") == "Sequence" else [pre_tokenizer]
+    if len(steps) == 1 and byte_level(steps[0], True):  # GPT-2
+        return "gpt2"
+    if len(steps) == 2 and steps[0] == {"type": "Digits", "individual_digits": True} and byte_level(steps[1], True):
+        return "digits_gpt2"  # SmolLM2
+    if (len(steps) == 2 and steps[0].get("type") == "Split" and steps[0].get("pattern") == {"Regex": LLAMA3_SPLIT_PATTERN}
+            and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert") and byte_level(steps[1], False)):
+        return "llama3"
+    return None
+
+
+def hf_tokenizer_for_run(tokenizer):
+    """(split rule, whole_chunk_first, merges, prompt_starts_with_bos) of a Hugging Face tokenizer.json,
+    or a UserError when run.py cannot encode with it (run.py knows byte-level BPE only)."""
+    from tokenizers import Tokenizer as RustTokenizer  # the reference: what ids the text should get
+
+    text = tokenizer.to_dict()["tokenizer_json"]
+    spec = json.loads(text)
+    model, pre_tokenizer = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    rule = split_rule_of(pre_tokenizer)
+    if (model.get("type") != "BPE" or rule is None or spec.get("normalizer") or model.get("byte_fallback")
+            or model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")):
+        steps = [pre_tokenizer] + pre_tokenizer.get("pretokenizers", [])
+        described = ", ".join(s.get("type", "?") for s in steps if s.get("type") not in (None, "Sequence")) or "none"
+        raise UserError(f"run.py cannot encode this model's tokenizer ({model.get('type')} model, pre-tokenizer "
+                        f"{described}, normalizer {(spec.get('normalizer') or {}).get('type', 'none')}): it knows "
+                        f"byte-level BPE split the way GPT-2, SmolLM2 or Llama 3 split text. sample.py and explain.py "
+                        f"run this model")
+    vocab = model["vocab"]
+    # merges are "left right" strings (older files) or [left, right] lists, highest priority first
+    merges = [vocab[a] for m in model["merges"] for a in (m.split(" ") if isinstance(m, str) else m)]
+    merges = list(zip(merges[::2], merges[1::2]))
+    reference = RustTokenizer.from_str(text)
+    plain, full = reference.encode(CHECK_TEXT, add_special_tokens=False).ids, reference.encode(CHECK_TEXT).ids
+    starts_with_bos = full != plain
+    if starts_with_bos and full != [tokenizer.bos_id] + plain:
+        raise UserError("run.py cannot encode this model's prompts: its tokenizer adds special tokens other "
+                        "than one start-of-text token in front")
+    return rule, bool(model.get("ignore_merges")), merges, starts_with_bos, plain
+
+
+def tokenizer_section(tokenizer, vocab_size):
+    """The tokenizer as run.py reads it, byte for byte (README.md: "2. Tokenizer"). Ids past the
+    tokenizer's own (a model's embedding may have spare rows) are tokens of no bytes."""
+    token_bytes = [tokenizer.token_bytes(i) if i < tokenizer.vocab_size else b"" for i in range(vocab_size)]
+    bos_id = getattr(tokenizer, "bos_id", None)
+    if tokenizer.kind == "hf":
+        rule, whole_chunk_first, merges, starts_with_bos, expected = hf_tokenizer_for_run(tokenizer)
+        ours = Tokenizer("hf", token_bytes, tokenizer.eos_id, bos_id, starts_with_bos, rule, whole_chunk_first, merges)
+        if ours.encode(CHECK_TEXT) != expected:  # never write a file that would encode prompts wrongly
+            raise UserError("run.py's encoder does not reproduce this tokenizer's ids, so run.py cannot run it")
+    else:  # tiktoken's rule: a pair's rank is its joined token's id, so no merge list is stored
+        if tokenizer.kind != "char" and tokenizer.pattern != GPT2_SPLIT_PATTERN:
+            raise UserError("run.py only knows GPT-2's split pattern, and this tokenizer uses another")
+        rule, whole_chunk_first, merges, starts_with_bos = ("" if tokenizer.kind == "char" else "gpt2"), True, [], False
+    section = struct.pack("<IiiI", TOKENIZER_KINDS.index(tokenizer.kind), -1 if bos_id is None else bos_id,
+                          -1 if tokenizer.eos_id is None else tokenizer.eos_id, starts_with_bos)
+    section += length_prefixed(rule.encode()) + struct.pack("<II", whole_chunk_first, len(token_bytes))
+    section += b"".join(length_prefixed(b) for b in token_bytes)
+    return section + struct.pack(f"<I{2 * len(merges)}I", len(merges), *(i for pair in merges for i in pair))
 
 
 def export_model(model, tokenizer, path):
     """Write the model and its tokenizer to `path` atomically (temporary file, then rename)."""
     config = file_config(model)
-    if tokenizer.vocab_size != config.vocab_size:
-        raise UserError(f"the checkpoint's tokenizer has {tokenizer.vocab_size} ids but the model {config.vocab_size}")
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UserError(f"the checkpoint's tokenizer has {tokenizer.vocab_size} ids but the model only {config.vocab_size}")
     header = HEADER.pack(MAGIC, VERSION, ARCHS.index(config.arch), config.vocab_size, config.block_size,
-                         config.n_layer, config.n_head, config.n_embd, config.mlp_hidden,
-                         config.norm_eps, config.rope_theta)
-    eos_id = -1 if tokenizer.eos_id is None else tokenizer.eos_id
-    header += struct.pack("<Ii", TOKENIZER_KINDS.index(tokenizer.kind), eos_id)
-    header += length_prefixed(getattr(tokenizer, "pattern", "").encode("utf-8"))
-    header += struct.pack("<I", tokenizer.vocab_size)
-    header += b"".join(length_prefixed(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size))
+                         config.n_layer, config.n_head, config.n_kv_head, config.n_embd, config.head_size,
+                         config.mlp_hidden, config.tie_embeddings, ACTIVATIONS.index(config.mlp_activation),
+                         config.qk_norm, config.norm_eps, config.logit_softcap)
+    header += tokenizer_section(tokenizer, config.vocab_size)
     header += bytes(-len(header) % 64)  # zeros up to a multiple of 64: the weights start aligned
 
-    state = model.state_dict()
+    # the RoPE frequencies (with any llama3 scaling) are written out, so run.py needs no formula for them
+    state = {**model.state_dict(), "rope.inv_freq": gpt.rope_frequencies(model.config)}
     with atomic_write(path) as f:
         f.write(header)
         for name, shape in weight_layout(config):
             tensor = state[name]
-            if name == "wte.weight":
+            if name in ("wte.weight", "lm_head.weight"):
                 tensor = tensor[:config.vocab_size]  # the padded rows are never scored: leave them out
             assert tuple(tensor.shape) == shape, (name, tuple(tensor.shape), shape)
             f.write(tensor.detach().to(torch.float32).cpu().numpy().astype("<f4").tobytes())
 
 
+def export_peft(checkpoint, folder):
+    """A LoRA run's adapter as adapter_config.json + adapter_model.safetensors (the adapter
+    alone: peft puts it onto the base's weights in transformers)."""
+    from safetensors.torch import save as safetensors_bytes
+
+    config, tensors = lora.peft_adapter(checkpoint["model"], checkpoint["model_config"], checkpoint["lora"])
+    if os.path.isfile(folder):
+        raise UserError(f"--output={folder} is a file; --format=peft writes a folder")
+    with atomic_write(os.path.join(folder, "adapter_model.safetensors")) as f:
+        f.write(safetensors_bytes({name: t.float().contiguous() for name, t in tensors.items()}))
+    with atomic_write(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return sum(t.numel() for t in tensors.values())
+
+
+def export_adapter(cfg):
+    """--format=peft: the adapter is in the LoRA run's checkpoint; its base is not needed."""
+    imported = cfg.init_from.startswith("hf:") or cfg.init_from in GPT2_SIZES
+    path = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
+    checkpoint = {} if imported else load_checkpoint(path, map_location="cpu")
+    if "lora" not in checkpoint:
+        raise UserError(f"{path} is not a LoRA run: --format=peft exports an adapter (train one with --lora_rank=8)")
+    checkpoint_dir = path if os.path.isdir(path) else os.path.dirname(path)
+    output = cfg.output or os.path.join(checkpoint_dir, "adapter")
+    try:
+        n_params = export_peft(checkpoint, output)
+    except OSError as e:
+        raise UserError(f"cannot write {output}: {e.strerror}") from None
+    print(f"wrote {output}/adapter_config.json and adapter_model.safetensors: {n_params:,} adapter parameters "
+          f"for the base {checkpoint['lora']['base']}")
+    print("load it in transformers onto the base's --format=hf export: "
+          f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_EXPORT), {output!r})")
+
+
 def main():
     cfg = parse_config(ExportConfig, sys.argv[1:], USAGE)
-    if cfg.format not in ("bin", "hf"):
-        raise UserError(f"--format must be bin or hf, not {cfg.format!r}")
+    if cfg.format not in FORMATS:
+        raise UserError(f"--format must be {', '.join(FORMATS[:-1])} or {FORMATS[-1]}, not {cfg.format!r}")
+    if cfg.format == "peft":
+        export_adapter(cfg)
+        return
     model, tokenizer, source = load_model(cfg.init_from, cfg.out_dir)
     checkpoint_dir = cfg.out_dir if source["step"] is None else os.path.dirname(source["path"])
     if cfg.format == "hf":

@@ -4,7 +4,7 @@
     python plot.py out/log.jsonl
 
 Train and validation loss against the number of tokens seen, with the learning rate on a
-second axis (the drawing itself is model/loss_plot.py, which train.py also calls at every
+second axis (the drawing itself is model/loss_plot.py, which train.py also calls at
 evaluation). Needs matplotlib.
 """
 

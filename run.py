@@ -22,11 +22,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MAGIC, VERSION = b"GPTMODEL", 1
-ARCHS, TOKENIZER_KINDS = ("gpt2", "llama"), ("char", "bpe", "gpt2")
-# magic, version, arch, vocab_size, block_size, n_layer, n_head, n_embd, mlp_hidden, norm_eps, rope_theta
-HEADER = struct.Struct("<8s8I2f")
+MAGIC, VERSION = b"GPTMODEL", 2  # version 1 files (before grouped-query attention) still load
+ARCHS, TOKENIZER_KINDS, ACTIVATIONS = ("gpt2", "llama"), ("char", "bpe", "gpt2", "hf"), ("gelu", "swiglu", "relu2")
+# after magic and version: arch, vocab_size, block_size, n_layer, n_head, n_kv_head, n_embd, head_size,
+# mlp_hidden, tie_embeddings, mlp_activation, qk_norm, norm_eps, logit_softcap
+HEADER = struct.Struct("<8s13I2f")
+# version 1: arch, vocab_size, block_size, n_layer, n_head, n_embd, mlp_hidden, norm_eps, rope_theta
+HEADER_V1 = struct.Struct("<8s8I2f")
+
+# The pre-split rules: a text is cut into chunks by each pattern in turn (each piece of one
+# stage is cut again by the next), and BPE merges never cross a chunk boundary.
+# GPT-2's: contractions, letters, numbers, other symbols, and whitespace runs.
 GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# SmolLM2 first isolates every single digit, then applies GPT-2's pattern.
+DIGITS_SPLIT_PATTERN = r"""\p{N}|[^\p{N}]+"""
+# Llama 3's: case-insensitive contractions, a letter run with one leading non-letter, at most 3 digits.
+LLAMA3_SPLIT_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
+                        r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+SPLIT_RULES = {"gpt2": [GPT2_SPLIT_PATTERN], "digits_gpt2": [DIGITS_SPLIT_PATTERN, GPT2_SPLIT_PATTERN],
+               "llama3": [LLAMA3_SPLIT_PATTERN]}
 
 
 class BadInput(Exception):
@@ -39,21 +53,23 @@ class Config:
     vocab_size: int
     block_size: int
     n_layer: int
-    n_head: int
+    n_head: int  # query heads
+    n_kv_head: int  # key/value heads: query head h uses key/value head h // (n_head // n_kv_head)
     n_embd: int
+    head_size: int
     mlp_hidden: int
+    tie_embeddings: bool  # True: the token embedding is also the output layer
+    mlp_activation: str  # gelu (GPT-2), swiglu (Llama) or relu2
+    qk_norm: bool  # True: each head's queries and keys are RMS-normalised before RoPE
     norm_eps: float
-    rope_theta: float
-
-    @property
-    def head_size(self):
-        return self.n_embd // self.n_head
+    logit_softcap: float  # > 0: logits = softcap * tanh(logits / softcap)
 
 
-def weight_layout(config):
+def weight_layout(config, version=VERSION):
     """(name, shape) of every tensor, in file order. The names are model/gpt.py's; matrices
     are stored as (out, in), like torch's nn.Linear, so a layer computes x @ W.T + b."""
     C, H, has_bias = config.n_embd, config.mlp_hidden, config.arch == "gpt2"
+    q_size, kv_size = config.n_head * config.head_size, config.n_kv_head * config.head_size
 
     def norm(name):
         return [(name + ".weight", (C,))] + ([(name + ".bias", (C,))] if has_bias else [])
@@ -61,29 +77,45 @@ def weight_layout(config):
     def linear(name, n_out, n_in):
         return [(name + ".weight", (n_out, n_in))] + ([(name + ".bias", (n_out,))] if has_bias else [])
 
-    layout = [("wte.weight", (config.vocab_size, C))]  # token embedding, also the output layer
+    layout = [("wte.weight", (config.vocab_size, C))]  # token embedding
     if config.arch == "gpt2":
         layout.append(("wpe.weight", (config.block_size, C)))  # learned position embedding
+    elif version >= 2:
+        layout.append(("rope.inv_freq", (config.head_size // 2,)))  # RoPE: radians per position, per pair
     for i in range(config.n_layer):
         b = f"blocks.{i}."
-        layout += norm(b + "ln_1") + linear(b + "attn.c_attn", 3 * C, C) + linear(b + "attn.c_proj", C, C)
-        layout += norm(b + "ln_2")
-        if config.arch == "gpt2":
-            layout += linear(b + "mlp.c_fc", H, C) + linear(b + "mlp.c_proj", C, H)
-        else:
-            layout += linear(b + "mlp.c_gate", H, C) + linear(b + "mlp.c_fc", H, C) + linear(b + "mlp.c_proj", C, H)
-    return layout + norm("ln_f")
+        layout += norm(b + "ln_1") + linear(b + "attn.c_attn", q_size + 2 * kv_size, C)
+        layout += linear(b + "attn.c_proj", C, q_size) + norm(b + "ln_2")
+        if config.mlp_activation == "swiglu":
+            layout += linear(b + "mlp.c_gate", H, C)
+        layout += linear(b + "mlp.c_fc", H, C) + linear(b + "mlp.c_proj", C, H)
+    layout += norm("ln_f")
+    if not config.tie_embeddings:
+        layout.append(("lm_head.weight", (config.vocab_size, C)))  # an output layer of its own
+    return layout
 
 
 # ---- the tokenizer ---------------------------------------------------------------------------
 
 class Tokenizer:
-    def __init__(self, kind, token_bytes, eos_id):
-        self.kind, self.token_bytes, self.eos_id = kind, token_bytes, eos_id
+    """char: one id per character. Byte-level BPE (bpe, gpt2, hf): cut the text into chunks
+    (split_rule), then merge each chunk's bytes pair by pair. Which pair merges first: with a
+    merge list, the pair listed earliest (Hugging Face's tokenizers); without one, the pair
+    whose joined bytes have the lowest id (tiktoken's rule: an id is its merge rank)."""
+
+    def __init__(self, kind, token_bytes, eos_id=None, bos_id=None, prompt_starts_with_bos=False,
+                 split_rule="", whole_chunk_first=True, merges=()):
+        self.kind, self.token_bytes, self.eos_id, self.bos_id = kind, token_bytes, eos_id, bos_id
+        self.prompt_starts_with_bos, self.split_rule = prompt_starts_with_bos, split_rule
+        self.whole_chunk_first = whole_chunk_first
         if kind == "char":
             self.id_of = {b.decode("utf-8", "surrogatepass"): i for i, b in enumerate(token_bytes)}
-        else:  # byte-level BPE: a token's id is its merge rank (the lower, the earlier merged)
-            self.ranks = {b: i for i, b in enumerate(token_bytes) if i != eos_id}
+            return
+        self.id_of = {}
+        for i, b in enumerate(token_bytes):
+            if b and i not in (eos_id, bos_id):  # special tokens are never the result of a merge
+                self.id_of.setdefault(b, i)
+        self.merge_rank = {(token_bytes[a], token_bytes[b]): rank for rank, (a, b) in enumerate(merges)} or None
 
     def encode(self, text):
         if self.kind == "char":
@@ -93,34 +125,44 @@ class Tokenizer:
             return [self.id_of[ch] for ch in text]
         # lone surrogates cannot be UTF-8 encoded; like tiktoken, read them as U+FFFD
         text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-        return [i for chunk in gpt2_split(text) for i in self.merge(chunk.encode("utf-8"))]
+        return [i for chunk in split(text, self.split_rule) for i in self.merge(chunk.encode("utf-8"))]
+
+    def encode_prompt(self, text):
+        """The ids a prompt becomes: with the tokenizer's start-of-text token where it adds one (Llama 3)."""
+        return ([self.bos_id] if self.prompt_starts_with_bos else []) + self.encode(text)
+
+    def pair_rank(self, a, b):
+        if self.merge_rank is None:
+            return self.id_of.get(a + b, math.inf)
+        return self.merge_rank.get((a, b), math.inf)
 
     def merge(self, chunk):
-        """tiktoken's byte-pair merge: start from single bytes and keep joining the adjacent
-        pair whose joined bytes have the lowest rank, until no joined pair is a token."""
-        if chunk in self.ranks:
-            return [self.ranks[chunk]]
+        """Byte-pair merge: start from single bytes and keep joining the adjacent pair of the
+        lowest rank (the leftmost of equals), until no adjacent pair can merge."""
+        if self.whole_chunk_first and chunk in self.id_of:
+            return [self.id_of[chunk]]
         parts = [chunk[i:i + 1] for i in range(len(chunk))]
         while len(parts) > 1:
-            pair_ranks = [self.ranks.get(a + b, math.inf) for a, b in zip(parts, parts[1:])]
+            pair_ranks = [self.pair_rank(a, b) for a, b in zip(parts, parts[1:])]
             best = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)  # leftmost lowest
             if pair_ranks[best] == math.inf:
                 break
             parts[best:best + 2] = [parts[best] + parts[best + 1]]
-        return [self.ranks[part] for part in parts]
+        return [self.id_of[part] for part in parts]
 
 
-# GPT-2's pre-split needs Unicode classes (\p{L} letters, \p{N} numbers) that Python's `re`
-# lacks. So we run the same pattern on a stand-in string of the same length, in which every
+# The split patterns need Unicode classes (\p{L} letters, \p{N} numbers) that Python's `re`
+# lacks. So we run each pattern on a stand-in string of the same length, in which every
 # non-ASCII character is replaced by an ASCII one of its class: letters by "a", numbers by
-# "0", whitespace by "\t" (not " ": the pattern treats the plain space specially), anything
-# else by "#". The chunk boundaries are then exactly those of the original text.
-_SPLIT_ASCII = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+""", re.ASCII)
-
-
+# "0", whitespace by "\t" (not " ", "\r" or "\n": the patterns treat those specially), anything
+# else by "#"; and the pattern's \p{L} and \p{N} become A-Za-z and 0-9. The chunk boundaries
+# are then exactly those of the original text. One letter needs care: Llama 3's contractions
+# ignore case, and the long s (U+017F) is a case variant of "s", so it stands in as "S".
 def _ascii_stand_in(ch):
     if ch < "\x80":
         return ch
+    if ch == "\u017f":
+        return "S"
     category = unicodedata.category(ch)
     if category[0] in "LN":
         return "a" if category[0] == "L" else "0"
@@ -128,9 +170,28 @@ def _ascii_stand_in(ch):
     return "\t" if category in ("Zs", "Zl", "Zp") or ch == "\x85" else "#"
 
 
-def gpt2_split(text):
-    stand_in = "".join(map(_ascii_stand_in, text))
-    return [text[m.start():m.end()] for m in _SPLIT_ASCII.finditer(stand_in)]
+def ascii_pattern(pattern):
+    """The pattern for the stand-in text: \\p{L} -> A-Za-z and \\p{N} -> 0-9, inside brackets or alone."""
+    classes = {"L": "A-Za-z", "N": "0-9"}
+
+    def replace(match):
+        if match.group(1):  # \p{X} on its own
+            return f"[{classes[match.group(1)]}]"
+        return re.sub(r"\\p\{([LN])\}", lambda m: classes[m.group(1)], match.group(0))  # inside [...]
+
+    return re.compile(re.sub(r"\\p\{([LN])\}|\[[^\]]*\]", replace, pattern), re.ASCII)
+
+
+_ASCII_SPLITS = {rule: [ascii_pattern(p) for p in patterns] for rule, patterns in SPLIT_RULES.items()}
+
+
+def split(text, rule="gpt2"):
+    """Cut text into chunks by each of the rule's patterns in turn."""
+    pieces = [text]
+    for pattern in _ASCII_SPLITS[rule]:
+        pieces = [piece[m.start():m.end()] for piece in pieces
+                  for m in pattern.finditer("".join(map(_ascii_stand_in, piece)))]
+    return pieces
 
 
 # ---- reading the file --------------------------------------------------------------------------
@@ -148,10 +209,10 @@ def load_model(path):
         raise BadInput(f"no model file at {path} (write one with: python export.py --out_dir=out)")
     with open(path, "rb") as f:
         magic, size = f.read(len(MAGIC)), os.fstat(f.fileno()).st_size
-    if magic != MAGIC or size < HEADER.size:
+    if magic != MAGIC or size < HEADER_V1.size:
         raise BadInput(f"{path} is not a model file (it does not start with {MAGIC.decode()}; see export.py)")
     data = np.memmap(path, dtype=np.uint8, mode="r")  # the file's bytes, read from disk as they are used
-    position = 0
+    position = len(MAGIC)
 
     def read(fmt):  # the next little-endian values, never past the end of the file
         nonlocal position
@@ -164,31 +225,55 @@ def load_model(path):
     def read_string():  # a u32 byte count, then the bytes
         return read(f"<{read('<I')[0]}s")[0]
 
-    _, version, arch, *sizes, norm_eps, rope_theta = read(HEADER.format)
-    if version != VERSION:
-        raise BadInput(f"{path} has format version {version}; this run.py reads version {VERSION}")
+    (version,) = read("<I")
+    if version not in (1, VERSION):
+        raise BadInput(f"{path} has format version {version}; this run.py reads versions 1 and {VERSION}")
+    if version == 1:  # every head is a key/value head, head_size = n_embd / n_head, tied embeddings
+        arch, vocab_size, block_size, n_layer, n_head, n_embd, mlp_hidden, norm_eps, rope_theta = read("<7I2f")
+        sizes = [vocab_size, block_size, n_layer, n_head, n_head, n_embd, n_embd // n_head if n_head else 0, mlp_hidden]
+        tied, activation, qk_norm, softcap = 1, arch, 0, 0.0  # gelu for gpt2, swiglu for llama
+    else:
+        arch, *sizes, tied, activation, qk_norm, norm_eps, softcap = read("<12I2f")
     impossible = BadInput(f"{path} is corrupt (impossible model sizes in its header)")
-    if arch >= len(ARCHS) or min(sizes) == 0:
+    if arch >= len(ARCHS) or min(sizes) == 0 or tied > 1 or activation >= len(ACTIVATIONS) or qk_norm > 1:
         raise impossible
-    config = Config(ARCHS[arch], *sizes, norm_eps, rope_theta)
-    if config.n_embd % config.n_head or (config.arch == "llama" and config.head_size % 2):
+    config = Config(ARCHS[arch], *sizes, bool(tied), ACTIVATIONS[activation], bool(qk_norm), norm_eps, softcap)
+    if config.n_head % config.n_kv_head or (config.arch == "llama" and config.head_size % 2):
+        raise impossible
+    if version == 1 and config.n_embd % config.n_head:
         raise impossible
 
-    kind, eos_id = read("<Ii")
-    pattern = read_string().decode("utf-8", "replace")
+    if version == 1:
+        (kind, eos_id), bos_id, starts_with_bos = read("<Ii"), -1, 0
+        split_rule = "gpt2" if read_string() == GPT2_SPLIT_PATTERN.encode() else "unknown"
+        whole_chunk_first = 1
+    else:
+        kind, bos_id, eos_id, starts_with_bos = read("<IiiI")
+        split_rule, (whole_chunk_first,) = read_string().decode("utf-8", "replace"), read("<I")
     (n_tokens,) = read("<I")
     token_bytes = [read_string() for _ in range(n_tokens)]
-    if kind >= len(TOKENIZER_KINDS) or n_tokens != config.vocab_size or not -1 <= eos_id < n_tokens:
+    merges = []
+    if version > 1:
+        (n_merges,) = read("<I")
+        merges = np.array(read(f"<{2 * n_merges}I"), dtype=np.int64).reshape(n_merges, 2)
+        if merges.size and merges.max() >= n_tokens:
+            raise BadInput(f"{path} is corrupt (its merge list names tokens it does not have)")
+        merges = merges.tolist()
+    if (kind >= len(TOKENIZER_KINDS) or n_tokens != config.vocab_size or not -1 <= eos_id < n_tokens
+            or not -1 <= bos_id < n_tokens or (starts_with_bos and bos_id < 0)):
         raise BadInput(f"{path} is corrupt (its tokenizer does not fit the model)")
-    if kind > 0 and pattern != GPT2_SPLIT_PATTERN:
-        raise BadInput(f"{path} uses a split pattern other than GPT-2's, the only one run.py knows")
+    if kind > 0 and split_rule not in SPLIT_RULES:
+        raise BadInput(f"{path} splits text by a rule this run.py does not know ({split_rule!r}; "
+                       f"it knows {', '.join(SPLIT_RULES)})")
     try:
-        tokenizer = Tokenizer(TOKENIZER_KINDS[kind], token_bytes, eos_id if eos_id >= 0 else None)
+        tokenizer = Tokenizer(TOKENIZER_KINDS[kind], token_bytes, eos_id if eos_id >= 0 else None,
+                              bos_id if bos_id >= 0 else None, bool(starts_with_bos), split_rule,
+                              bool(whole_chunk_first), merges)
     except UnicodeDecodeError:  # a char token that is not UTF-8
         raise BadInput(f"{path} is corrupt (a character token is not UTF-8)") from None
 
     position = (position + 63) // 64 * 64  # the weights start 64-byte aligned
-    layout = weight_layout(config)
+    layout = weight_layout(config, version)
     expected = position + 4 * sum(math.prod(shape) for _, shape in layout)
     if size != expected:
         raise BadInput(f"{path} has {size:,} bytes but its header promises {expected:,} (truncated or corrupt)")
@@ -197,6 +282,9 @@ def load_model(path):
         count = math.prod(shape)
         weights[name] = np.frombuffer(data, dtype="<f4", count=count, offset=position).reshape(shape)
         position += 4 * count
+    if version == 1 and config.arch == "llama":  # version 1 stored rope_theta, not the frequencies
+        half = config.head_size // 2
+        weights["rope.inv_freq"] = 1.0 / (rope_theta ** (np.arange(half, dtype=np.float32) / half))
     return Model(config, tokenizer, weights)
 
 
@@ -232,38 +320,53 @@ def rotate(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of every position so far, per layer: each new token then computes only its own."""
+    """Keys and values of every position so far, per layer: each new token then computes only
+    its own. It grows as needed (doubling), since real models allow contexts of 100k+ tokens."""
 
     def __init__(self, config):
-        shape = (config.n_layer, config.n_head, config.block_size, config.head_size)
-        self.keys, self.values = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        self.block_size = config.block_size
+        self.keys = self.values = np.zeros((config.n_layer, config.n_kv_head, 0, config.head_size), np.float32)
         self.length = 0
+
+    def make_room(self, end):
+        if end > self.keys.shape[2]:
+            room = min(self.block_size, max(end, 2 * self.keys.shape[2]))
+            grow = [(0, 0), (0, 0), (0, room - self.keys.shape[2]), (0, 0)]
+            self.keys, self.values = np.pad(self.keys, grow), np.pad(self.values, grow)
 
 
 def attention(model, b, layer, x, cache, start):
     c = model.config
     T = len(x)
-    q, k, v = np.split(linear(model, b + "attn.c_attn", x), 3, axis=-1)
-    # (T, C) -> (n_head, T, head_size): each head attends on its own slice of the vector
-    q, k, v = (t.reshape(T, c.n_head, c.head_size).transpose(1, 0, 2) for t in (q, k, v))
+    q_size, kv_size = c.n_head * c.head_size, c.n_kv_head * c.head_size
+    q, k, v = np.split(linear(model, b + "attn.c_attn", x), [q_size, q_size + kv_size], axis=-1)
+    # (T, heads * head_size) -> (heads, T, head_size): each head attends on its own slice of the vector
+    q = q.reshape(T, c.n_head, c.head_size).transpose(1, 0, 2)
+    k, v = (t.reshape(T, c.n_kv_head, c.head_size).transpose(1, 0, 2) for t in (k, v))
+    if c.qk_norm:  # unit root-mean-square queries and keys (RMSNorm without a weight)
+        q, k = (t / np.sqrt((t * t).mean(-1, keepdims=True) + c.norm_eps) for t in (q, k))
     if c.arch == "llama":  # RoPE: rotate by angle position * frequency, one frequency per pair
-        half = c.head_size // 2
-        frequencies = 1.0 / (c.rope_theta ** (np.arange(half, dtype=np.float32) / half))
-        angles = np.outer(np.arange(start, start + T, dtype=np.float32), frequencies)
+        angles = np.outer(np.arange(start, start + T, dtype=np.float32), model.weights["rope.inv_freq"])
         q, k = rotate(q, np.cos(angles), np.sin(angles)), rotate(k, np.cos(angles), np.sin(angles))
     cache.keys[layer, :, start:start + T], cache.values[layer, :, start:start + T] = k, v
     k, v = cache.keys[layer, :, :start + T], cache.values[layer, :, :start + T]
+    if c.n_kv_head != c.n_head:  # grouped-query attention: query head h uses key/value head h // group
+        group = c.n_head // c.n_kv_head
+        k, v = np.repeat(k, group, axis=0), np.repeat(v, group, axis=0)
     scores = q @ k.transpose(0, 2, 1) / math.sqrt(c.head_size)  # (n_head, T, start + T)
     # query i sits at position start + i and may only look at keys up to there
     future = np.arange(start + T)[None, :] > np.arange(start, start + T)[:, None]
     y = softmax(np.where(future, -np.inf, scores)) @ v
-    return linear(model, b + "attn.c_proj", y.transpose(1, 0, 2).reshape(T, c.n_embd))
+    return linear(model, b + "attn.c_proj", y.transpose(1, 0, 2).reshape(T, q_size))
 
 
 def mlp(model, b, x):
-    if model.config.arch == "gpt2":  # GELU, GPT-2's tanh approximation
+    activation = model.config.mlp_activation
+    if activation == "gelu":  # GPT-2's tanh approximation
         h = linear(model, b + "mlp.c_fc", x)
         h = 0.5 * h * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h ** 3)))
+    elif activation == "relu2":  # ReLU squared
+        h = np.maximum(linear(model, b + "mlp.c_fc", x), 0) ** 2
     else:  # SwiGLU: silu(x c_gate) * (x c_fc), silu(a) = a * sigmoid(a), sigmoid(a) = (1 + tanh(a/2)) / 2
         gate = linear(model, b + "mlp.c_gate", x)
         h = gate * 0.5 * (1.0 + np.tanh(0.5 * gate)) * linear(model, b + "mlp.c_fc", x)
@@ -273,6 +376,7 @@ def mlp(model, b, x):
 def forward(model, ids, cache):
     """Token ids that continue where the cache ends -> logits (len(ids), vocab_size)."""
     c, w, start = model.config, model.weights, cache.length
+    cache.make_room(start + len(ids))
     x = w["wte.weight"][ids]  # one row of the embedding per token
     if c.arch == "gpt2":
         x = x + w["wpe.weight"][start:start + len(ids)]
@@ -281,7 +385,11 @@ def forward(model, ids, cache):
         x = x + attention(model, b, layer, norm(model, b + "ln_1", x), cache, start)
         x = x + mlp(model, b, norm(model, b + "ln_2", x))
     cache.length += len(ids)
-    return norm(model, "ln_f", x) @ w["wte.weight"].T  # score every token by its embedding (tied)
+    output = w["wte.weight" if c.tie_embeddings else "lm_head.weight"]  # tied: the embedding scores tokens
+    logits = norm(model, "ln_f", x) @ output.T
+    if c.logit_softcap:  # a smooth ceiling: large scores bend towards +-softcap
+        logits = c.logit_softcap * np.tanh(logits / c.logit_softcap)
+    return logits
 
 
 def logits_of(model, ids):
@@ -345,17 +453,19 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def read_prompt(prompt, tokenizer):
-    """As sample.py: text or FILE:path; '' starts a fresh document (end-of-text, or a newline)."""
+    """As sample.py: text or FILE:path; '' starts a fresh document (start- or end-of-text, or a newline)."""
     if prompt.startswith("FILE:"):
         try:
             with open(prompt[5:], encoding="utf-8") as f:
                 prompt = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise BadInput(f"cannot read prompt file {prompt[5:]}: {getattr(e, 'strerror', None) or e}") from None
+    if not prompt and tokenizer.prompt_starts_with_bos:
+        return [tokenizer.bos_id], ""
     if not prompt and tokenizer.eos_id is not None:
         return [tokenizer.eos_id], ""
     prompt = prompt or "\n"
-    return tokenizer.encode(prompt), prompt
+    return tokenizer.encode_prompt(prompt), prompt
 
 
 def main(argv=None):

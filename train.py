@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import time
@@ -23,10 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.checkpoint import GPT2_SIZES, load_checkpoint, load_model, model_from_checkpoint, save_checkpoint
-from model.cli import field, main_guard, parse_config, resolve_device
+from model import lora
+from model.checkpoint import (GPT2_SIZES, load_checkpoint, load_model, lora_base_from_checkpoint,
+                              model_from_checkpoint, save_checkpoint)
+from model.cli import field, main_guard, parse_config, pick_dtype, resolve_device
 from model.errors import UserError
 from model.gpt import GPT, GPTConfig
+from model.optimizer import make_optimizer
 from model.tokenizer import load_tokenizer
 
 USAGE = "usage: python train.py [configs/NAME.toml] [--field=value ...]"
@@ -49,6 +53,12 @@ class TrainConfig:
     n_embd: int = field(128, "width of the residual stream")
     block_size: int = field(128, "context length in tokens")
     dropout: float = field(0.0, "dropout probability (0 for pre-training big data, ~0.2 for small data)")
+    # LoRA: train small adapters beside a frozen base instead of every weight
+    lora_rank: int = field(0, "LoRA rank r of the adapters (0 = off: train every weight)")
+    lora_alpha: float = field(0.0, "LoRA scale: the adapter adds (alpha / r) B A x (0 = twice the rank)")
+    lora_dropout: float = field(0.0, "dropout on the adapters' input")
+    lora_targets: str = field(lora.DEFAULT_TARGETS, "layers to adapt, comma-separated: q, k, v, attn.c_proj, "
+                              "mlp.c_fc, mlp.c_gate (llama), mlp.c_proj; or all")
     vocab_pad_multiple: int = field(64, "pad the embedding rows to a multiple of this (fast GPU matmuls; never sampled)")
     tie_embeddings: bool = field(True, "the output layer is the token embedding (false: a matrix of its own)")
     mlp_activation: str = field("", "'' (the arch's: gelu for gpt2, swiglu for llama) | relu2 (ReLU squared)")
@@ -84,7 +94,7 @@ class TrainConfig:
     dtype: str = field("auto", "auto (bfloat16 on CUDA, else float32) | float32 | bfloat16 | float16")
     compile: bool = field(False, "torch.compile the model (faster on GPU; slow to start)")
     seed: int = field(1337, "seed for initialisation, dropout and the batch order")
-    plot: bool = field(True, "draw out_dir/loss.png at every evaluation (needs matplotlib)")
+    plot: bool = field(True, "redraw out_dir/loss.png at evaluations, at most every 30 s and at the end (needs matplotlib)")
 
 
 def learning_rate_at(step, cfg):
@@ -106,46 +116,29 @@ def learning_rate_at(step, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def make_optimizer(model, cfg, device_type):
-    """AdamW for every parameter, or (--optimizer=muon) Muon for the blocks' weight matrices and
-    AdamW for the rest."""
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    muon_matrices = []
-    if cfg.optimizer == "muon":
-        muon_matrices = [p for name, p in named if name.startswith("blocks.") and p.dim() == 2]
-    adamw = [p for _, p in named if not any(p is q for q in muon_matrices)]
-    # Weight decay pulls matrices towards zero; doing that to biases, norms' gains or
-    # 1-D parameters only hurts, so they get none.
-    groups = [{"params": [p for p in adamw if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in adamw if p.dim() < 2], "weight_decay": 0.0}]
-    if cfg.optimizer == "muon":
-        from model.muon import Muon
-
-        # no weight decay on the Muon matrices: their orthogonalised steps already have a fixed size
-        groups.append({"params": muon_matrices, "use_muon": True, "weight_decay": 0.0})
-        return Muon(groups, momentum=cfg.muon_momentum, betas=(cfg.beta1, cfg.beta2))
-    # Fused AdamW updates all parameters in one kernel instead of a dozen per tensor: on CUDA,
-    # and on the CPU too (measured 14% faster for the small CPU model). Apple's mps: the default.
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device_type in ("cuda", "cpu"))
-
-
-def pick_dtype(name, device_type):
-    if name == "auto":
-        if device_type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise UserError(f"unknown dtype {name!r}: use auto, float32, bfloat16 or float16")
-    return dtypes[name]
+def prepare_command(cfg, meta):
+    """The data/prepare.py command that tokenizes the data set's text with the tokenizer of the
+    model that cfg.init_from names (a model trained here, or one imported from Hugging Face)."""
+    if cfg.init_from == "resume":
+        model_tokenizer = cfg.out_dir
+    elif cfg.init_from in GPT2_SIZES:
+        model_tokenizer = f"hf:{cfg.init_from}"
+    else:  # hf:<folder or owner/name>, or the path of a checkpoint
+        model_tokenizer = cfg.init_from
+    source = meta.get("source", "SOURCE")
+    if source.startswith("python stdlib"):  # how prepare.py describes the pystdlib corpus
+        source = "python:stdlib"
+    words = ["python", "data/prepare.py", cfg.dataset, f"--input={source}", f"--tokenizer={model_tokenizer}"]
+    if cfg.data_root != "data":
+        words.append(f"--data_root={cfg.data_root}")
+    return " ".join(shlex.quote(word) for word in words)
 
 
 def ensure_dataset(cfg, is_master):
     """The prepared data folder; built-in data sets are prepared the first time they are used."""
     data_dir = os.path.join(cfg.data_root, cfg.dataset)
     if not os.path.exists(os.path.join(data_dir, "meta.json")):
-        from data.prepare import BUILTINS, prepare
+        from data.dataset import BUILTINS, prepare
 
         if cfg.dataset not in BUILTINS:
             raise UserError(f"no prepared data set at {data_dir}: run python data/prepare.py {cfg.dataset} --input=...")
@@ -255,8 +248,9 @@ def train(cfg, checkpoint=None):
     data_dir, meta = ensure_dataset(cfg, is_master)
     tokenizer = load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
     if checkpoint is not None and checkpoint["tokenizer"] != tokenizer.to_dict():
-        raise UserError(f"the checkpoint's tokenizer differs from data set {cfg.dataset!r}'s; "
-                        "prepare the data with the same tokenizer")
+        raise UserError(f"data set {cfg.dataset!r} was prepared with another tokenizer ({meta['tokenizer']}, "
+                        f"{meta['vocab_size']:,} ids) than the model's; prepare it with the model's: "
+                        f"{prepare_command(cfg, meta)}")
     loaders = {split: BatchLoader(data_dir, split, cfg.batch_size, cfg.block_size, cfg.seed, rank=rank,
                                   world_size=world_size, grad_accum=cfg.grad_accum, device=device)
                for split in ("train", "val")}
@@ -264,7 +258,22 @@ def train(cfg, checkpoint=None):
 
     # ---- model -----------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
-    if checkpoint is not None:
+    lora_settings = None
+    if cfg.lora_rank:
+        if resumed:  # the base named in the adapter's checkpoint, checked against its hash
+            model, _ = lora_base_from_checkpoint(checkpoint, dropout=cfg.dropout)
+            lora_settings = checkpoint["lora"]
+        else:
+            model, _ = model_from_checkpoint(checkpoint, device="cpu", dropout=cfg.dropout)
+            lora_settings = {"base": lora_base_reference(cfg.init_from), "base_sha256": lora.weights_sha256(model)}
+        targets = lora.parse_targets(cfg.lora_targets, model.config.arch)
+        lora_settings = {**lora_settings, "rank": cfg.lora_rank, "alpha": lora_alpha(cfg),
+                         "dropout": cfg.lora_dropout, "targets": targets,
+                         "base_parameters": lora_settings.get("base_parameters", model.num_params())}
+        lora.add_lora(model, cfg.lora_rank, lora_alpha(cfg), cfg.lora_dropout, targets)
+        if resumed:
+            lora.load_adapter_state_dict(model, checkpoint["model"])
+    elif checkpoint is not None:
         model, _ = model_from_checkpoint(checkpoint, device="cpu", dropout=cfg.dropout)
     else:
         model = GPT(GPTConfig(vocab_size=meta["vocab_size"], dropout=cfg.dropout,
@@ -277,7 +286,8 @@ def train(cfg, checkpoint=None):
         model = torch.compile(model)
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    optimizer = make_optimizer(raw_model, cfg, device_type)
+    optimizer = make_optimizer(raw_model, device_type, cfg.optimizer, cfg.learning_rate, cfg.weight_decay,
+                               (cfg.beta1, cfg.beta2), cfg.muon_momentum)
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
 
@@ -298,6 +308,8 @@ def train(cfg, checkpoint=None):
     say(f"model: {raw_model.config.arch}, {raw_model.num_params():,} parameters "
         f"({raw_model.config.n_layer} layers, {raw_model.config.n_head} heads, {raw_model.config.n_embd} wide, "
         f"context {raw_model.config.block_size})")
+    if lora_settings:
+        say(lora.trainable_summary(raw_model, cfg.lora_rank, lora_settings["targets"]))
     say(f"data: {cfg.dataset}, {meta['train_tokens']:,} train tokens, {meta['tokenizer']} tokenizer, vocabulary {vocab}")
     say(f"device: {device} {str(dtype).replace('torch.', '')}, {world_size} process(es), "
         f"{tokens_per_step:,} tokens per step")
@@ -318,7 +330,10 @@ def train(cfg, checkpoint=None):
             log_file.flush()
 
     def checkpoint_now():
-        return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+        # a LoRA run saves its adapter and the base's name and hash; the base's file is never written
+        weights = lora.adapter_state_dict(raw_model) if lora_settings else raw_model.state_dict()
+        return {"model": weights, **({"lora": lora_settings} if lora_settings else {}),
+                "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(raw_model.config),
                 "config": dataclasses.asdict(cfg), "step": step, "best_val_loss": best_val_loss,
                 "last_eval_step": last_eval_step,
@@ -355,6 +370,7 @@ def train(cfg, checkpoint=None):
 
     progress = tqdm(total=cfg.max_iters, initial=step, disable=not is_master, dynamic_ncols=True, unit="step")
     timer, tokens_since = time.time(), 0
+    run_started, plotted_at = time.time(), 0.0
     while True:
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             if step != last_eval_step:  # (a resumed run may have been evaluated at this step already)
@@ -367,9 +383,13 @@ def train(cfg, checkpoint=None):
                     progress.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
                                    f"val bpb {val_bpb:.4f}", file=sys.stderr)
                 log({"step": step, "tokens": step * tokens_per_step, "train_loss": losses["train"],
-                     "val_loss": losses["val"], "val_bpb": val_bpb, "lr": learning_rate_at(step, cfg)})
-                if is_master and cfg.plot:
+                     "val_loss": losses["val"], "val_bpb": val_bpb, "lr": learning_rate_at(step, cfg),
+                     "elapsed_s": round(time.time() - run_started, 2)})
+                # Drawing costs a fraction of a second (more for the first, which imports
+                # matplotlib): at most every 30 s, and always at the end, keeps short runs fast.
+                if is_master and cfg.plot and (time.time() - plotted_at > 30 or step == cfg.max_iters):
                     draw_loss_plot(cfg.out_dir)
+                    plotted_at = time.time()
                 if step > start_step or step == cfg.max_iters:
                     save()
             timer, tokens_since = time.time(), 0  # evaluation time is not training time
@@ -427,6 +447,8 @@ def train(cfg, checkpoint=None):
             sys.exit(130)
     progress.close()
     say(f"done: {step} steps, best val loss {best_val_loss:.4f}; saved {cfg.out_dir}/ckpt.pt")
+    if is_master and lora_settings:
+        say(lora_size_line(os.path.join(cfg.out_dir, "ckpt.pt"), lora_settings))
 
     if is_master and cfg.sample_tokens > 0:
         raw_model.eval()
@@ -440,6 +462,30 @@ def train(cfg, checkpoint=None):
         log_file.close()
     if distributed:
         torch.distributed.destroy_process_group()
+
+
+def lora_alpha(cfg):
+    return cfg.lora_alpha or 2.0 * cfg.lora_rank
+
+
+def lora_base_reference(init_from):
+    """How a LoRA run names its base: a checkpoint by its absolute path (so sample.py finds it
+    from any folder), a hub model by its name."""
+    if os.path.exists(init_from):
+        path = os.path.abspath(init_from)
+        return os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    return init_from
+
+
+def lora_size_line(path, settings):
+    adapter_bytes = os.path.getsize(path)
+    base = settings["base"]
+    if os.path.isfile(base):
+        base_bytes, what = os.path.getsize(base), f"the base's checkpoint {base}"
+    else:  # a hub model: its weights in float32
+        base_bytes, what = 4 * settings["base_parameters"], f"the base {base} in float32"
+    return (f"adapter checkpoint {path}: {adapter_bytes / 1e6:.2f} MB (weights, optimizer state and run state), "
+            f"{adapter_bytes / base_bytes:.2%} of {what} ({base_bytes / 1e6:.2f} MB)")
 
 
 def stop_agreed(stop_requested, distributed, at_log_step, device):
@@ -481,6 +527,8 @@ def main():
             checkpoint = imported_checkpoint(cfg.init_from)
         else:
             checkpoint = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt") if resume else cfg.init_from)
+        if resume:
+            check_lora_resume(checkpoint, cfg, given)
         # the model's shape comes from the checkpoint; asking for another one is a mistake
         # (fields a checkpoint predates have their defaults: GPTConfig fills them in)
         saved_model = dataclasses.asdict(GPTConfig(**checkpoint["model_config"]))
@@ -496,17 +544,36 @@ def main():
         if resume:  # continue with the saved settings; only what was given now changes
             base.update({k: v for k, v in checkpoint["config"].items() if k in base})
             base.update({k: getattr(cfg, k) for k in given})
-        base.update({name: saved_model[name] for name in fixed})
+        # a resumed run keeps its own sequence length, which can be shorter than its model's
+        # context (a fine-tuned imported model)
+        base.update({name: saved_model[name] for name in fixed if not (resume and name == "block_size")})
         if imported:
             # a real model's context can be 131,072 tokens; fine-tuning trains on shorter
             # sequences (--block_size, at most the model's own) and the model keeps its context
-            if base["block_size"] > saved_model["block_size"]:
-                raise UserError(f"--block_size can be at most the model's context, {saved_model['block_size']}")
             if "block_size" not in given:
                 base["block_size"] = min(saved_model["block_size"], 1024)
+            if base["block_size"] > saved_model["block_size"]:
+                raise UserError(f"--block_size can be at most the model's context, {saved_model['block_size']}")
         cfg = TrainConfig(**base)
     check_config(cfg)
     train(cfg, checkpoint)
+
+
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def check_lora_resume(checkpoint, cfg, given):
+    """A resumed run keeps its kind: a LoRA run continues its adapter, a full run stays full."""
+    if "lora" not in checkpoint:
+        flags = [f"--{name}" for name in LORA_FIELDS if name in given]
+        if flags:
+            raise UserError(f"{', '.join(flags)} given to resume a run that is not a LoRA run; to train an adapter "
+                            "on its model, start a new run: --init_from=path/to/ckpt.pt --out_dir=NEW --lora_rank=8")
+        return
+    saved = checkpoint["config"]
+    for name in ("lora_rank", "lora_alpha", "lora_targets"):
+        if name in given and getattr(cfg, name) != saved[name]:
+            raise UserError(f"cannot change --{name} of a LoRA run when resuming (the checkpoint has {saved[name]})")
 
 
 def imported_checkpoint(init_from):
@@ -535,6 +602,15 @@ def check_config(cfg):
         raise UserError(f"unknown --optimizer={cfg.optimizer}: use adamw or muon")
     if not 0.0 <= cfg.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.lora_rank < 0:
+        raise UserError(f"--lora_rank must be 0 (off) or more, got {cfg.lora_rank}")
+    if cfg.lora_alpha < 0 or not 0.0 <= cfg.lora_dropout < 1.0:
+        raise UserError("--lora_alpha must be 0 (twice the rank) or more and --lora_dropout in [0, 1)")
+    if cfg.lora_rank:
+        if cfg.init_from == "scratch":
+            raise UserError("LoRA adapts a trained model: give its base with --init_from=path/to/ckpt.pt "
+                            "(or gpt2, hf:...), or leave --lora_rank at 0 to train from scratch")
+        lora.parse_targets(cfg.lora_targets, cfg.arch)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,14 @@ half-written ckpt.pt, and read with torch.load(weights_only=True), which refuses
 code hidden in a file (plain pickles can).
 """
 
+import dataclasses
 import os
 
 import torch
 
 from model.errors import UserError
 from model.files import atomic_write
+from model import lora
 from model.gpt import GPT, GPTConfig
 from model.tokenizer import tokenizer_from_dict
 
@@ -52,7 +54,11 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def model_from_checkpoint(checkpoint, device="cpu", dropout=None):
-    """Rebuild the GPT and its tokenizer from a checkpoint dict."""
+    """Rebuild the GPT and its tokenizer from a checkpoint dict. A LoRA run's checkpoint holds
+    only the adapter: its base is loaded, and the adapter merged into it."""
+    if "lora" in checkpoint:
+        model, tokenizer = lora_model_from_checkpoint(checkpoint, dropout=dropout)
+        return lora.merge_and_remove(model).to(device), tokenizer
     model_config = dict(checkpoint["model_config"])
     if dropout is not None:
         model_config["dropout"] = dropout
@@ -68,8 +74,17 @@ def model_from_checkpoint(checkpoint, device="cpu", dropout=None):
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
-def load_model(init_from, out_dir, device="cpu"):
-    """The one way the scripts get a model: (model, tokenizer, source).
+def cast_weights(model, dtype):
+    """The parameters (not the buffers: RoPE's frequencies stay float32) in `dtype`."""
+    if dtype is not None:
+        for parameter in model.parameters():  # a tied matrix is one parameter: cast once
+            parameter.data = parameter.data.to(dtype)
+    return model
+
+
+def load_model(init_from, out_dir, device="cpu", dtype=None):
+    """The one way the scripts get a model: (model, tokenizer, source), the weights in `dtype`
+    (None: float32, as trained and as files store them).
 
     init_from: "resume" (out_dir/ckpt.pt, or out_dir itself when it is a file), a path to a
     ckpt.pt, gpt2 | gpt2-medium | gpt2-large | gpt2-xl (OpenAI's weights on the Hugging Face
@@ -82,10 +97,50 @@ def load_model(init_from, out_dir, device="cpu"):
 
         folder = resolve_hf_folder(init_from[len("hf:"):])
         model, tokenizer = load_hf_model(folder)
-        return model.to(device), tokenizer, {"init_from": init_from, "step": None, "path": folder}
+        return cast_weights(model.to(device), dtype), tokenizer, {"init_from": init_from, "step": None, "path": folder}
     path = out_dir if init_from == "resume" else init_from
     checkpoint = load_checkpoint(path, map_location="cpu")
     model, tokenizer = model_from_checkpoint(checkpoint, device=device)
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
-    return model, tokenizer, {"init_from": init_from, "step": checkpoint["step"], "path": path}
+    return cast_weights(model, dtype), tokenizer, {"init_from": init_from, "step": checkpoint["step"], "path": path}
+
+
+# ---- LoRA runs: an adapter and a reference to its base ----------------------------------------
+
+def load_base(reference, dropout=None):
+    """The base model a LoRA run names (a checkpoint path, gpt2* or hf:...): (model, tokenizer)."""
+    if reference in GPT2_SIZES or reference.startswith("hf:"):
+        model, tokenizer, _ = load_model(reference, out_dir=None)
+        if dropout is None:
+            return model, tokenizer
+        # training: rebuilt with its dropout, as a checkpoint of the same weights
+        checkpoint = {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+                      "tokenizer": tokenizer.to_dict()}
+    else:
+        checkpoint = load_checkpoint(reference)
+    return model_from_checkpoint(checkpoint, dropout=dropout)
+
+
+def lora_base_from_checkpoint(checkpoint, dropout=None):
+    """A LoRA run's base model, checked against the SHA-256 of the weights it was trained on."""
+    settings = checkpoint["lora"]
+    reference = settings["base"]
+    try:
+        model, tokenizer = load_base(reference, dropout=dropout)
+    except UserError as e:
+        raise UserError(f"cannot load the LoRA run's base model {reference}: {e}") from None
+    if lora.weights_sha256(model) != settings["base_sha256"]:
+        raise UserError(f"the LoRA run's base model {reference} has changed since the adapter was trained "
+                        f"(its weights' SHA-256 differs from {settings['base_sha256'][:12]}...); "
+                        "the adapter only fits the original weights")
+    return model, tokenizer
+
+
+def lora_model_from_checkpoint(checkpoint, dropout=None):
+    """The base with the run's adapters on it, not merged (what training continues from)."""
+    model, tokenizer = lora_base_from_checkpoint(checkpoint, dropout=dropout)
+    settings = checkpoint["lora"]
+    lora.add_lora(model, settings["rank"], settings["alpha"], settings["dropout"], settings["targets"])
+    lora.load_adapter_state_dict(model, checkpoint["model"])
+    return model, tokenizer

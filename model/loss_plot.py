@@ -1,5 +1,5 @@
 """The loss curve of a run: train and validation loss against tokens seen, the learning rate
-on a second axis, drawn from out_dir/log.jsonl. train.py redraws it at every evaluation and
+on a second axis, drawn from out_dir/log.jsonl. train.py redraws it as it trains and
 plot.py on request. matplotlib is optional: without it plot_log says once how to get the
 picture and training goes on.
 """

@@ -19,3 +19,14 @@ def test_bench_reports_training_generation_and_run_py_side_by_side(tiny_char_dat
 
 def test_bench_refuses_an_unknown_section():
     assert_clean_error(run_script("bench.py", "--sections=everything", check=False))
+
+
+def test_bench_recipe_reports_loss_and_time_to_target_per_variant(tiny_char_data):
+    result = run_script("bench.py", "--sections=recipe", "--recipe_seconds=4",
+                        "--recipe_variants=baseline (nanoGPT CPU),+ Muon", f"--data_root={tiny_char_data}",
+                        "--recipe_dataset=tiny", "--device=cpu", "--json")
+    figures = json.loads(result.stdout)["figures"]
+    names = [f["measurement"] for f in figures]
+    assert names == ["recipe: baseline (nanoGPT CPU)"] * 2 + ["recipe: + Muon"] * 2
+    losses = [f["value"] for f in figures if f["unit"] == "nats"]
+    assert all(0 < loss < 5 for loss in losses)  # the tiny corpus's 25 characters: ln 25 = 3.2 at the start

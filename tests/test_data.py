@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-import data.prepare as prepare_module
+import data.dataset as prepare_module
 from data.loader import BatchLoader
-from data.prepare import prepare, stdlib_files, token_dtype
+from data.dataset import prepare, stdlib_files, token_dtype
 from model.errors import UserError
 from model.tokenizer import load_tokenizer
 

@@ -14,6 +14,7 @@ from model.errors import UserError
 from model.files import atomic_write
 from model import lora
 from model.gpt import GPT, GPTConfig
+from model.hf import GPT2_SIZES
 from model.tokenizer import tokenizer_from_dict
 
 REQUIRED_KEYS = ("model", "model_config", "tokenizer", "config", "step")
@@ -71,7 +72,6 @@ def model_from_checkpoint(checkpoint, device="cpu", dropout=None):
     return model.to(device), tokenizer
 
 
-GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 def cast_weights(model, dtype):
@@ -91,7 +91,7 @@ def load_model(init_from, out_dir, device="cpu", dtype=None):
     hub), or hf:<local folder> | hf:<owner/name>. `source` describes where the model came from,
     for messages and JSON: {"init_from", "step" (None for an imported model), "path"}."""
     if init_from in GPT2_SIZES:
-        init_from = f"hf:openai-community/{init_from}"
+        init_from = f"hf:{init_from}"
     if init_from.startswith("hf:"):
         from model.hf import load_hf_model, resolve_hf_folder  # only imported models need the hub
 

@@ -25,26 +25,42 @@ from model.tokenizer import hf_tokenizer, tokenizer_json
 
 SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM")
 # what a download fetches: the model and its tokenizer, never other formats (.bin, .onnx, .gguf)
-HUB_FILES = ["config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
-             "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+TOKENIZER_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json"]
+HUB_FILES = TOKENIZER_FILES + ["model.safetensors", "model-*.safetensors", "model.safetensors.index.json"]
+# GPT-2's sizes by their short names, as OpenAI's weights are named on the hub today
+GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def hub_name(spec: str) -> str:
+    """The hub id of a short GPT-2 name (gpt2 -> openai-community/gpt2); anything else as it is.
+    One name for one model: the download cache is keyed by it."""
+    return f"openai-community/{spec}" if spec in GPT2_SIZES else spec
 
 
 # ---- where the files are ------------------------------------------------------------------
 
-def resolve_hf_folder(spec: str) -> str:
-    """A local folder as it is, or a hub id ("owner/name") as the folder of its cached download.
+def resolve_hf_folder(spec: str, tokenizer_only: bool = False) -> str:
+    """A local folder as it is, or a hub id ("owner/name") as the folder of its cached download
+    (with tokenizer_only, just the config and tokenizer files: no weights for data preparation).
 
     The download happens once, into the standard Hugging Face cache (~/.cache/huggingface),
     so the model works offline afterwards and is shared with every other tool using that cache."""
     if os.path.isdir(spec):
         return spec
+    spec = hub_name(spec)
+    files = TOKENIZER_FILES if tokenizer_only else HUB_FILES
     if spec.startswith((".", "/", "~")) or os.sep in spec.strip(os.sep).replace("/", "", 1) \
             or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec):
         raise UserError(f"no folder {spec} (give hf:<local folder> or hf:<owner>/<name> of a hub model)")
     from huggingface_hub import snapshot_download
 
     try:  # already downloaded: no network at all
-        return snapshot_download(spec, allow_patterns=HUB_FILES, local_files_only=True)
+        folder = snapshot_download(spec, allow_patterns=files, local_files_only=True)
+        # (a folder that data preparation fetched holds the tokenizer but not the weights)
+        if tokenizer_only or any(os.path.exists(os.path.join(folder, name)) for name in
+                                 ("model.safetensors", "model.safetensors.index.json")):
+            return folder
     except Exception:
         pass
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
@@ -52,7 +68,7 @@ def resolve_hf_folder(spec: str) -> str:
                         "(download it once online, or pass hf:<local folder>)")
     try:
         # a short etag timeout: without a network the user hears so in seconds, not minutes
-        return snapshot_download(spec, allow_patterns=HUB_FILES, etag_timeout=5)
+        return snapshot_download(spec, allow_patterns=files, etag_timeout=5)
     except Exception as e:  # network down, no such repository, gated model, disk full...
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot download {spec} from the Hugging Face hub ({type(e).__name__}: {reason}); "

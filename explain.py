@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from model.checkpoint import load_checkpoint, load_model, lora_base_from_checkpoint
-from model.cli import SamplingOptions, check_sampling_options, field, main_guard, parse_config, read_prompt, resolve_device
+from model.cli import (SamplingOptions, check_sampling_options, field, main_guard, parse_config, pick_dtype,
+                       read_prompt, resolve_device)
 from model.errors import UserError
 from model.files import atomic_write
 from model.gpt import filter_logits, sample_next_token
@@ -492,7 +493,8 @@ def check_config(cfg):
 def explain(cfg):
     """Everything asked for, as one JSON-able dict (the tables are printed from it)."""
     device = resolve_device(cfg.device)
-    model, tokenizer, source = load_model(cfg.init_from, cfg.out_dir, device=device)
+    model, tokenizer, source = load_model(cfg.init_from, cfg.out_dir, device=device,
+                                          dtype=pick_dtype(cfg.dtype, device.split(":")[0]))
     lora_checkpoint = {}
     if cfg.compare_base:
         if source["step"] is not None:  # a checkpoint trained here: it may hold an adapter

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from model.checkpoint import load_model
-from model.cli import SamplingOptions, check_sampling_options, field, main_guard, parse_config, read_prompt, resolve_device
+from model.cli import (SamplingOptions, check_sampling_options, field, main_guard, parse_config, pick_dtype,
+                       read_prompt, resolve_device)
 from model.errors import UserError
 
 USAGE = "usage: python sample.py [--out_dir=out] [--prompt=TEXT|FILE:path] [--field=value ...]"
@@ -40,7 +41,8 @@ def main():
     cfg = parse_config(SampleConfig, sys.argv[1:], USAGE)
     check_config(cfg)
     device = resolve_device(cfg.device)
-    model, tokenizer, source = load_model(cfg.init_from, cfg.out_dir, device=device)
+    model, tokenizer, source = load_model(cfg.init_from, cfg.out_dir, device=device,
+                                          dtype=pick_dtype(cfg.dtype, device.split(":")[0]))
     model.eval()
     prompt_ids, prompt_text = read_prompt(cfg.prompt, tokenizer)
     block_size = model.config.block_size

@@ -27,7 +27,7 @@ import torch
 from model import lora
 from model.checkpoint import (GPT2_SIZES, load_checkpoint, load_model, lora_base_from_checkpoint,
                               model_from_checkpoint, save_checkpoint)
-from model.cli import field, main_guard, parse_config, resolve_device
+from model.cli import field, main_guard, parse_config, pick_dtype, resolve_device
 from model.errors import UserError
 from model.gpt import GPT, GPTConfig
 from model.optimizer import make_optimizer
@@ -114,17 +114,6 @@ def learning_rate_at(step, cfg):
         return cfg.learning_rate + (step - decay_start) / (decay_iters - decay_start) * (cfg.min_lr - cfg.learning_rate)
     progress = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
-
-
-def pick_dtype(name, device_type):
-    if name == "auto":
-        if device_type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise UserError(f"unknown dtype {name!r}: use auto, float32, bfloat16 or float16")
-    return dtypes[name]
 
 
 def prepare_command(cfg, meta):
@@ -561,10 +550,10 @@ def main():
         if imported:
             # a real model's context can be 131,072 tokens; fine-tuning trains on shorter
             # sequences (--block_size, at most the model's own) and the model keeps its context
-            if base["block_size"] > saved_model["block_size"]:
-                raise UserError(f"--block_size can be at most the model's context, {saved_model['block_size']}")
             if "block_size" not in given:
                 base["block_size"] = min(saved_model["block_size"], 1024)
+            if base["block_size"] > saved_model["block_size"]:
+                raise UserError(f"--block_size can be at most the model's context, {saved_model['block_size']}")
         cfg = TrainConfig(**base)
     check_config(cfg)
     train(cfg, checkpoint)

@@ -255,7 +255,7 @@ def choose_tokenizer(name, spec, tokenizer_file):
         from model.hf import resolve_hf_folder
         from model.tokenizer import hf_tokenizer
 
-        return hf_tokenizer(resolve_hf_folder(spec[3:])), f"the tokenizer of {spec}"
+        return hf_tokenizer(resolve_hf_folder(spec[3:], tokenizer_only=True)), f"the tokenizer of {spec}"
     if os.path.exists(spec):  # a model trained here: its checkpoint carries its tokenizer
         from model.checkpoint import load_checkpoint  # imports torch: only when a checkpoint is read
 

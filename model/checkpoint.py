@@ -14,6 +14,7 @@ from model.errors import UserError
 from model.files import atomic_write
 from model import lora
 from model.gpt import GPT, GPTConfig
+from model.hf import GPT2_SIZES
 from model.tokenizer import tokenizer_from_dict
 
 REQUIRED_KEYS = ("model", "model_config", "tokenizer", "config", "step")
@@ -71,30 +72,38 @@ def model_from_checkpoint(checkpoint, device="cpu", dropout=None):
     return model.to(device), tokenizer
 
 
-GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
-def load_model(init_from, out_dir, device="cpu"):
-    """The one way the scripts get a model: (model, tokenizer, source).
+def cast_weights(model, dtype):
+    """The parameters (not the buffers: RoPE's frequencies stay float32) in `dtype`."""
+    if dtype is not None:
+        for parameter in model.parameters():  # a tied matrix is one parameter: cast once
+            parameter.data = parameter.data.to(dtype)
+    return model
+
+
+def load_model(init_from, out_dir, device="cpu", dtype=None):
+    """The one way the scripts get a model: (model, tokenizer, source), the weights in `dtype`
+    (None: float32, as trained and as files store them).
 
     init_from: "resume" (out_dir/ckpt.pt, or out_dir itself when it is a file), a path to a
     ckpt.pt, gpt2 | gpt2-medium | gpt2-large | gpt2-xl (OpenAI's weights on the Hugging Face
     hub), or hf:<local folder> | hf:<owner/name>. `source` describes where the model came from,
     for messages and JSON: {"init_from", "step" (None for an imported model), "path"}."""
     if init_from in GPT2_SIZES:
-        init_from = f"hf:openai-community/{init_from}"
+        init_from = f"hf:{init_from}"
     if init_from.startswith("hf:"):
         from model.hf import load_hf_model, resolve_hf_folder  # only imported models need the hub
 
         folder = resolve_hf_folder(init_from[len("hf:"):])
         model, tokenizer = load_hf_model(folder)
-        return model.to(device), tokenizer, {"init_from": init_from, "step": None, "path": folder}
+        return cast_weights(model.to(device), dtype), tokenizer, {"init_from": init_from, "step": None, "path": folder}
     path = out_dir if init_from == "resume" else init_from
     checkpoint = load_checkpoint(path, map_location="cpu")
     model, tokenizer = model_from_checkpoint(checkpoint, device=device)
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
-    return model, tokenizer, {"init_from": init_from, "step": checkpoint["step"], "path": path}
+    return cast_weights(model, dtype), tokenizer, {"init_from": init_from, "step": checkpoint["step"], "path": path}
 
 
 # ---- LoRA runs: an adapter and a reference to its base ----------------------------------------

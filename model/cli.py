@@ -121,6 +121,7 @@ class SamplingOptions:
     top_p: float = field(1.0, "sample only from the smallest set of tokens whose probability reaches p (1 = all)")
     seed: int = field(1337, "random seed: the same seed gives the same text")
     device: str = field("auto", "auto | cpu | cuda | cuda:N | mps")
+    dtype: str = field("auto", "the weights' precision: auto (bfloat16 on CUDA, else float32) | float32 | bfloat16 | float16")
 
 
 def check_sampling_options(cfg):
@@ -161,6 +162,21 @@ def resolve_device(name):
     if name != "cpu" and not name.startswith(("cuda", "mps")):
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     return name
+
+
+def pick_dtype(name, device_type):
+    """The torch dtype for --dtype: auto is bfloat16 on CUDA (float16 where the GPU lacks bf16),
+    else float32."""
+    import torch
+
+    if name == "auto":
+        if device_type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise UserError(f"unknown dtype {name!r}: use auto, float32, bfloat16 or float16")
+    return dtypes[name]
 
 
 def read_prompt(prompt, tokenizer):

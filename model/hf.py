@@ -25,26 +25,42 @@ from model.tokenizer import hf_tokenizer, tokenizer_json
 
 SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM")
 # what a download fetches: the model and its tokenizer, never other formats (.bin, .onnx, .gguf)
-HUB_FILES = ["config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
-             "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+TOKENIZER_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json"]
+HUB_FILES = TOKENIZER_FILES + ["model.safetensors", "model-*.safetensors", "model.safetensors.index.json"]
+# GPT-2's sizes by their short names, as OpenAI's weights are named on the hub today
+GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def hub_name(spec: str) -> str:
+    """The hub id of a short GPT-2 name (gpt2 -> openai-community/gpt2); anything else as it is.
+    One name for one model: the download cache is keyed by it."""
+    return f"openai-community/{spec}" if spec in GPT2_SIZES else spec
 
 
 # ---- where the files are ------------------------------------------------------------------
 
-def resolve_hf_folder(spec: str) -> str:
-    """A local folder as it is, or a hub id ("owner/name") as the folder of its cached download.
+def resolve_hf_folder(spec: str, tokenizer_only: bool = False) -> str:
+    """A local folder as it is, or a hub id ("owner/name") as the folder of its cached download
+    (with tokenizer_only, just the config and tokenizer files: no weights for data preparation).
 
     The download happens once, into the standard Hugging Face cache (~/.cache/huggingface),
     so the model works offline afterwards and is shared with every other tool using that cache."""
     if os.path.isdir(spec):
         return spec
+    spec = hub_name(spec)
+    files = TOKENIZER_FILES if tokenizer_only else HUB_FILES
     if spec.startswith((".", "/", "~")) or os.sep in spec.strip(os.sep).replace("/", "", 1) \
             or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec):
         raise UserError(f"no folder {spec} (give hf:<local folder> or hf:<owner>/<name> of a hub model)")
     from huggingface_hub import snapshot_download
 
     try:  # already downloaded: no network at all
-        return snapshot_download(spec, allow_patterns=HUB_FILES, local_files_only=True)
+        folder = snapshot_download(spec, allow_patterns=files, local_files_only=True)
+        # (a folder that data preparation fetched holds the tokenizer but not the weights)
+        if tokenizer_only or any(os.path.exists(os.path.join(folder, name)) for name in
+                                 ("model.safetensors", "model.safetensors.index.json")):
+            return folder
     except Exception:
         pass
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
@@ -52,7 +68,7 @@ def resolve_hf_folder(spec: str) -> str:
                         "(download it once online, or pass hf:<local folder>)")
     try:
         # a short etag timeout: without a network the user hears so in seconds, not minutes
-        return snapshot_download(spec, allow_patterns=HUB_FILES, etag_timeout=5)
+        return snapshot_download(spec, allow_patterns=files, etag_timeout=5)
     except Exception as e:  # network down, no such repository, gated model, disk full...
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot download {spec} from the Hugging Face hub ({type(e).__name__}: {reason}); "
@@ -235,11 +251,11 @@ def load_hf_model(folder: str):
     config = gpt_config(read_json(os.path.join(folder, "config.json")))
     tokenizer = hf_tokenizer(folder)
     weights = WeightFiles(folder)
-    # Built on the meta device: no memory and no random init for weights about to be replaced;
-    # to_empty then gives each parameter uninitialised float32 memory, filled tensor by tensor.
+    # Built on the meta device: no memory and no random init for weights about to be replaced.
+    # Then each parameter gets uninitialised float32 memory, filled tensor by tensor from the
+    # files. (model.to_empty would do that too, but empty_like on meta tensors imports sympy.)
     with shapes_only():
         model = GPT(config)
-    # (model.to_empty(device="cpu") would do this too, but empty_like on meta tensors imports sympy)
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
             setattr(module, name, nn.Parameter(torch.empty(tuple(param.shape), dtype=param.dtype)))
@@ -254,20 +270,23 @@ def load_hf_model(folder: str):
         for ours, theirs in hf_names(config).items():
             target, row = params[ours], 0
             transpose = theirs[-1] == "T"
-            for name in theirs[:-1] if transpose else theirs:
+            parts = theirs[:-1] if transpose else theirs
+            for name, rows in zip(parts, qkv_rows(config) if len(parts) == 3 else [target.shape[0]]):
                 tensor = weights.get(name)
                 if transpose:
                     tensor = tensor.t()
-                rows = tensor.shape[0] if len(theirs) > 1 else target.shape[0]
                 expected = (rows, *target.shape[1:])
-                if tuple(tensor.shape) != expected or row + rows > target.shape[0]:
+                if tuple(tensor.shape) != expected:
                     raise UserError(f"tensor {name} has shape {tuple(tensor.shape)} but config.json says "
                                     f"{expected}: the weights do not match the config")
                 target[row:row + rows].copy_(tensor)  # converts bf16/fp16 files to float32 here
                 row += rows
-            if row != target.shape[0]:
-                raise UserError(f"the tensors for {ours} have {row} rows, config.json says {target.shape[0]}")
     return model.eval(), tokenizer
+
+
+def qkv_rows(config):
+    """Rows of c_attn that are the queries, the keys and the values."""
+    return [config.n_head * config.head_size, config.n_kv_head * config.head_size, config.n_kv_head * config.head_size]
 
 
 # ---- writing a transformers folder ----------------------------------------------------------
@@ -309,8 +328,7 @@ def hf_state_dict(model) -> dict:
         if theirs[-1] == "T":
             out[theirs[0]] = tensor.t()
             continue
-        sizes = [c.n_head * c.head_size, c.n_kv_head * c.head_size, c.n_kv_head * c.head_size]
-        for name, part in zip(theirs, tensor.split(sizes) if len(theirs) > 1 else [tensor]):
+        for name, part in zip(theirs, tensor.split(qkv_rows(c)) if len(theirs) > 1 else [tensor]):
             out[name] = part
     return {name: owned(tensor) for name, tensor in out.items()}
 

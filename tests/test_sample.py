@@ -45,3 +45,10 @@ def test_bad_sampling_input_is_refused_clearly(trained, tmp_path):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes((trained / "ckpt.pt").read_bytes()[:5000])
     assert_clean_error(run_script("sample.py", f"--out_dir={truncated}", check=False))
+
+
+def test_dtype_chooses_the_weights_precision(trained):
+    args = ["sample.py", f"--out_dir={trained}", "--prompt=delta ", "--max_new_tokens=10", "--temperature=0",
+            "--device=cpu"]
+    assert run_script(*args, "--dtype=bfloat16").stdout.startswith("delta ")
+    assert_clean_error(run_script(*args, "--dtype=float8", check=False))

@@ -26,19 +26,21 @@ NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 def orthogonalize(matrix, steps=5):
-    """An approximation of U V^T for matrix = U S V^T, by Newton-Schulz iterations."""
+    """An approximation of U V^T for matrix = U S V^T, by Newton-Schulz iterations. A stack of
+    matrices (..., rows, cols) is done in one go: a few big matmuls instead of many small ones."""
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
     # bfloat16 on a GPU is fast and accurate enough; CPUs do float32 faster
     x = matrix.to(torch.bfloat16 if matrix.is_cuda else torch.float32)
-    transposed = x.size(0) > x.size(1)
+    transposed = x.size(-2) > x.size(-1)
     if transposed:  # iterate on the wide orientation: X X^T is then the smaller square
-        x = x.T
-    x = x / (x.norm() + 1e-7)  # the Frobenius norm bounds the largest singular value: all now <= 1
+        x = x.mT
+    # the Frobenius norm bounds the largest singular value: all are now <= 1
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
     if transposed:
-        x = x.T
+        x = x.mT
     return x.to(matrix.dtype)
 
 
@@ -67,6 +69,7 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _muon_step(self, group):
+        by_shape = {}  # matrices of one shape are orthogonalised together, as one stack
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -77,12 +80,15 @@ class Muon(torch.optim.Optimizer):
             buffer.lerp_(p.grad, 1 - group["momentum"])  # an exponential average of the gradients
             # Nesterov: look one momentum step ahead, which damps the oscillation plain momentum has
             direction = p.grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
-            update = orthogonalize(direction)
+            by_shape.setdefault(tuple(p.shape), []).append((p, direction))
+        for (rows, cols), pairs in by_shape.items():
+            updates = orthogonalize(torch.stack([direction for _, direction in pairs]))
             # An orthogonal update has entries of size ~1/sqrt(max(rows, cols)); the scale makes a
             # tall matrix's step as large, per entry, as a square one's.
-            scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(update, alpha=-group["lr"] * scale)
+            scale = max(1.0, rows / cols) ** 0.5
+            for (p, _), update in zip(pairs, updates):
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"] * scale)
 
     def _adamw_step(self, group):
         beta1, beta2 = group["betas"]

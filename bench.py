@@ -196,15 +196,20 @@ def bench_bpe(cfg, rows):
 
 # GPT-2 small and medium, as transformers' GPT2Config calls the sizes
 HF_SHAPES = {"124M": dict(n_layer=12, n_head=12, n_embd=768), "350M": dict(n_layer=24, n_head=16, n_embd=1024)}
+# The peak is read from /proc (VmHWM, Linux): getrusage's maxrss can carry over the parent's
+# peak into a child process, and the parent here has just built the model with transformers.
 IMPORT_PROBE = """
-import json, resource, sys, time
+import json, sys, time
+def peak_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 from model.hf import load_hf_model
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Python, torch and our code
+before = peak_mb()  # Python, torch and our code
 started = time.perf_counter()
 model, _ = load_hf_model(sys.argv[1])
 seconds = time.perf_counter() - started
-print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "before_mb": before, "float32_mb": sum(p.numel() for p in model.parameters()) * 4 / 2**20}))
+print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb(), "before_mb": before,
+                  "float32_mb": sum(p.numel() for p in model.parameters()) * 4 / 2**20}))
 """
 
 

@@ -30,6 +30,8 @@ from model.cli import field, main_guard, parse_config
 from model.errors import UserError
 from model.files import atomic_write
 from model.tokenizer import GPT2_SPLIT_PATTERN
+# run.py must stay standalone (numpy alone), so the file layout's one home is run.py, its reader:
+# this writer imports it from there and the two can never disagree.
 from run import ACTIVATIONS, ARCHS, HEADER, LLAMA3_SPLIT_PATTERN, MAGIC, TOKENIZER_KINDS, VERSION, Config, Tokenizer, weight_layout
 
 USAGE = "usage: python export.py [--out_dir=out] [--init_from=resume] [--format=bin|hf|peft] [--output=out/model.bin]"

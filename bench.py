@@ -42,7 +42,7 @@ import torch
 
 from model.cli import field, main_guard, parse_config, resolve_device
 from model.errors import UserError
-from model.checkpoint import save_checkpoint
+from model.checkpoint import checkpoint_of, save_checkpoint
 from model.gpt import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -145,9 +145,7 @@ def bench_runpy(cfg, rows, results):
     tokenizer = bench_tokenizer(model.config.vocab_size)
     prompt_text = tokenizer.decode(prompt)  # one character per id: run.py reads back exactly these ids
     with tempfile.TemporaryDirectory() as directory:
-        checkpoint = {"model": model.cpu().state_dict(), "model_config": dataclasses.asdict(model.config),
-                      "tokenizer": tokenizer.to_dict(), "config": {}, "step": 0}
-        save_checkpoint(checkpoint, os.path.join(directory, "ckpt.pt"))
+        save_checkpoint(checkpoint_of(model.cpu(), tokenizer), os.path.join(directory, "ckpt.pt"))
         run_command([sys.executable, "export.py", f"--out_dir={directory}"], "export")
         speeds = []
         for repeat in range(cfg.repeats + 1):  # the first is a warm-up

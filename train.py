@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from model import lora
-from model.checkpoint import (GPT2_SIZES, load_checkpoint, load_model, lora_base_from_checkpoint,
+from model.checkpoint import (GPT2_SIZES, checkpoint_of, load_checkpoint, load_model, lora_base_from_checkpoint,
                               model_from_checkpoint, save_checkpoint)
 from model.cli import field, main_guard, parse_config, pick_dtype, resolve_device
 from model.errors import UserError
@@ -579,9 +579,7 @@ def check_lora_resume(checkpoint, cfg, given):
 def imported_checkpoint(init_from):
     """A GPT-2 or Hugging Face model as the start of a new run: a checkpoint at step 0 holding
     its weights, shape and tokenizer, so training treats it like any checkpoint it fine-tunes."""
-    model, tokenizer, _ = load_model(init_from, out_dir=None)
-    return {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
-            "tokenizer": tokenizer.to_dict(), "config": {}, "step": 0}
+    return checkpoint_of(*load_model(init_from, out_dir=None)[:2])
 
 
 def check_config(cfg):

@@ -72,6 +72,11 @@ def model_from_checkpoint(checkpoint, device="cpu", dropout=None):
     return model.to(device), tokenizer
 
 
+def checkpoint_of(model, tokenizer):
+    """A model and its tokenizer as a checkpoint at step 0 (an imported model as the start of a
+    run, or a model built in memory), so everything that reads checkpoints takes it."""
+    return {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+            "tokenizer": tokenizer.to_dict(), "config": {}, "step": 0}
 
 
 def cast_weights(model, dtype):
@@ -114,9 +119,7 @@ def load_base(reference, dropout=None):
         model, tokenizer, _ = load_model(reference, out_dir=None)
         if dropout is None:
             return model, tokenizer
-        # training: rebuilt with its dropout, as a checkpoint of the same weights
-        checkpoint = {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
-                      "tokenizer": tokenizer.to_dict()}
+        checkpoint = checkpoint_of(model, tokenizer)  # training: rebuilt with its dropout
     else:
         checkpoint = load_checkpoint(reference)
     return model_from_checkpoint(checkpoint, dropout=dropout)

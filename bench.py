@@ -10,7 +10,8 @@ What it measures:
              named model shapes; with --compile_too also under torch.compile
   generate   tokens/s of sample.py's generation (model.generate) with and without the KV cache,
              at a context of 256 and of 1024, for a 6-layer, 384-wide model
-  runpy      tokens/s of run.py (numpy only) on the same model and prompt as sample.py's
+  runpy      sample.py and run.py (numpy only) as whole processes on the same model and prompt:
+             time to first token (start-up included) and tokens/s
   tokenizer  time to train a 4096-token BPE on the default corpus, and encoding throughput
   hf         imported GPT-2 shapes (random weights saved by transformers, no download): import
              time and peak memory for 124M and 350M, and greedy generation of the 124M model
@@ -138,25 +139,42 @@ def bench_generate(cfg, device, rows, results):
 
 
 def bench_runpy(cfg, rows, results):
-    """run.py on the same weights and prompt as sample.py's context-256 figure, run the way a
-    user runs it: export.py writes model.bin from a checkpoint, then run.py generates. run.py
-    reports its own generation time (after loading), which is what is compared."""
-    model, prompt, new_tokens, torch_speed = results[256]
+    """sample.py and run.py, whole processes, run the way a user runs them on the same weights
+    and prompt as the in-process context-256 figure: export.py writes model.bin from the
+    checkpoint, then the two scripts take turns. Each reports its time to first token (from
+    its start, imports included) and its tokens/s after the first token."""
+    model, prompt, new_tokens, _ = results[256]
     tokenizer = bench_tokenizer(model.config.vocab_size)
-    prompt_text = tokenizer.decode(prompt)  # one character per id: run.py reads back exactly these ids
+    prompt_text = tokenizer.decode(prompt)  # one character per id: both scripts read back exactly these ids
     with tempfile.TemporaryDirectory() as directory:
         save_checkpoint(checkpoint_of(model.cpu(), tokenizer), os.path.join(directory, "ckpt.pt"))
         run_command([sys.executable, "export.py", f"--out_dir={directory}"], "export")
-        speeds = []
-        for repeat in range(cfg.repeats + 1):  # the first is a warm-up
-            output = run_command([sys.executable, "run.py", os.path.join(directory, "model.bin"),
-                                  f"--prompt={prompt_text}", f"--max_new_tokens={new_tokens}", "--temperature=1.0",
-                                  "--seed=0"], "run.py")
-            if repeat:
-                speeds.append(float(output.stderr.rsplit(" s, ", 1)[1].split()[0]))
-    speed = statistics.median(speeds)
-    rows.append(("run.py generation (numpy)", f"ctx 256, {new_tokens} new, KV cache", speed, "tok/s"))
-    rows.append(("run.py vs sample.py", "ctx 256", speed / torch_speed, "x"))
+        commands = {
+            "sample.py": [sys.executable, "sample.py", f"--out_dir={directory}", "--device=cpu"],
+            "run.py": [sys.executable, "run.py", os.path.join(directory, "model.bin")],
+        }
+        figures = {name: [] for name in commands}
+        for repeat in range(cfg.repeats + 1):  # the first is a warm-up (file cache, imports)
+            for name, command in commands.items():
+                output = run_command(command + [f"--prompt={prompt_text}", f"--max_new_tokens={new_tokens}",
+                                                "--temperature=1.0", "--seed=0"], name)
+                if repeat:
+                    figures[name].append(script_speed(output.stderr))
+    for name in commands:
+        rows.append((f"{name} tokens/s", f"ctx 256, {new_tokens} new (CPU)",
+                     statistics.median(speed for speed, _ in figures[name]), "tok/s"))
+        rows.append((f"{name} first token", "from the start of the process",
+                     statistics.median(first for _, first in figures[name]), "s"))
+    rows.append(("sample.py vs run.py", "tokens/s", rows[-4][2] / rows[-2][2], "x"))
+
+
+def script_speed(stderr):
+    """(tokens/s, seconds to the first token) from the last line sample.py and run.py print:
+    [N tokens in X s, R tokens/s; first token after T s]"""
+    last = stderr.strip().splitlines()[-1]
+    rate = float(last.split(" s, ", 1)[1].split()[0])
+    first = float(last.rsplit("first token after ", 1)[1].split()[0])
+    return rate, first
 
 
 def bench_tokenizer(vocab_size):

@@ -517,7 +517,7 @@ def explain(cfg):
     wants_prompt = (bool(cfg.prompt) or not cfg.neighbors or cfg.generate or cfg.attention or cfg.logit_lens
                     or cfg.compare_base)
     if wants_prompt:
-        ids, _ = read_prompt(cfg.prompt, tokenizer)
+        ids, _ = read_prompt(cfg.prompt, tokenizer, source["sample_prompt"])
         cropped = max(0, len(ids) - config.block_size)
         ids = ids[cropped:]  # the model sees at most block_size tokens: keep the last ones
         doc["prompt"] = {"tokens": len(ids), "cropped": cropped}

@@ -9,6 +9,10 @@ It imports only numpy and the standard library, so this one file and model.bin a
 machine needs. The file format is laid out byte by byte in README.md.
 """
 
+import time
+
+STARTED = time.perf_counter()  # before importing numpy: time to first token counts the whole start-up
+
 import argparse
 import codecs
 import math
@@ -16,7 +20,6 @@ import os
 import re
 import struct
 import sys
-import time
 import unicodedata
 from dataclasses import dataclass
 
@@ -491,17 +494,21 @@ def main(argv=None):
     sys.stdout.write(prompt_text)
     # a token can end inside a UTF-8 character; the incremental decoder waits for the rest
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    started, count = time.time(), 0
+    started, first_token_at, count = time.perf_counter(), None, 0
     for token_id in generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k or None,
                              args.top_p, eos_id=tokenizer.eos_id, seed=args.seed):
         count += 1
+        first_token_at = first_token_at or time.perf_counter()
         if token_id == tokenizer.eos_id:
             break
         sys.stdout.write(decoder.decode(tokenizer.token_bytes[token_id]))
         sys.stdout.flush()
     sys.stdout.write(decoder.decode(b"", final=True) + "\n")
-    seconds = time.time() - started
-    print(f"[{count} tokens in {seconds:.2f} s, {count / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    finished = time.perf_counter()
+    # as sample.py reports it: tokens/s after the first token, which also pays for the prompt
+    rate = (count - 1) / max(finished - first_token_at, 1e-9) if count > 1 else 0.0
+    first = f"; first token after {first_token_at - STARTED:.2f} s" if first_token_at else ""
+    print(f"[{count} tokens in {finished - started:.2f} s, {rate:.1f} tokens/s{first}]", file=sys.stderr)
 
 
 if __name__ == "__main__":

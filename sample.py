@@ -9,9 +9,12 @@ The text goes to stdout, everything else to stderr. Same seed, checkpoint and de
 the same text.
 """
 
+import time
+
+STARTED = time.perf_counter()  # before importing torch: time to first token counts the whole start-up
+
 import codecs
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +47,7 @@ def main():
     model, tokenizer, source = load_model(cfg.init_from, cfg.out_dir, device=device,
                                           dtype=pick_dtype(cfg.dtype, device.split(":")[0]))
     model.eval()
-    prompt_ids, prompt_text = read_prompt(cfg.prompt, tokenizer)
+    prompt_ids, prompt_text = read_prompt(cfg.prompt, tokenizer, source["sample_prompt"])
     block_size = model.config.block_size
     origin = f"step {source['step']}" if source["step"] is not None else source["init_from"]
     print(f"model: {model.num_params():,} parameters, {origin}, "
@@ -59,19 +62,23 @@ def main():
         sys.stdout.write(prompt_text)
         # tokens can end in the middle of a UTF-8 character; the incremental decoder waits for the rest
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        started, count = time.time(), 0
+        started, first_token_at, count = time.perf_counter(), None, 0
         for token_id in model.generate(prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature,
                                        top_k=cfg.top_k or None, top_p=cfg.top_p, eos_id=tokenizer.eos_id,
                                        generator=generator, use_kv_cache=cfg.kv_cache):
             count += 1
+            first_token_at = first_token_at or time.perf_counter()
             if token_id == tokenizer.eos_id:
                 break
             sys.stdout.write(decoder.decode(tokenizer.token_bytes(token_id)))
             sys.stdout.flush()
         sys.stdout.write(decoder.decode(b"", final=True) + "\n")
         sys.stdout.flush()
-        seconds = time.time() - started
-        print(f"[{count} tokens in {seconds:.2f} s, {count / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+        finished = time.perf_counter()
+        # tokens/s counts the tokens after the first (the first one also pays for reading the prompt)
+        rate = (count - 1) / max(finished - first_token_at, 1e-9) if count > 1 else 0.0
+        first = f"; first token after {first_token_at - STARTED:.2f} s" if first_token_at and not sample_index else ""
+        print(f"[{count} tokens in {finished - started:.2f} s, {rate:.1f} tokens/s{first}]", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def model_from_checkpoint(checkpoint, device="cpu", dropout=None):
     if dropout is not None:
         model_config["dropout"] = dropout
     try:
-        model = GPT(GPTConfig(**model_config))
+        model = GPT.uninitialised(GPTConfig(**model_config))
         model.load_state_dict(upgrade_state_dict(checkpoint["model"]))
     except (TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"checkpoint does not match the model: {str(e).splitlines()[0][:200]}") from None
@@ -94,7 +94,8 @@ def load_model(init_from, out_dir, device="cpu", dtype=None):
     init_from: "resume" (out_dir/ckpt.pt, or out_dir itself when it is a file), a path to a
     ckpt.pt, gpt2 | gpt2-medium | gpt2-large | gpt2-xl (OpenAI's weights on the Hugging Face
     hub), or hf:<local folder> | hf:<owner/name>. `source` describes where the model came from,
-    for messages and JSON: {"init_from", "step" (None for an imported model), "path"}."""
+    for messages and JSON: {"init_from", "step" (None for an imported model), "path",
+    "sample_prompt" (what its training run sampled from; None for an imported model)}."""
     if init_from in GPT2_SIZES:
         init_from = f"hf:{init_from}"
     if init_from.startswith("hf:"):
@@ -102,13 +103,15 @@ def load_model(init_from, out_dir, device="cpu", dtype=None):
 
         folder = resolve_hf_folder(init_from[len("hf:"):])
         model, tokenizer = load_hf_model(folder)
-        return cast_weights(model.to(device), dtype), tokenizer, {"init_from": init_from, "step": None, "path": folder}
+        return cast_weights(model.to(device), dtype), tokenizer, {"init_from": init_from, "step": None, "path": folder,
+                                                            "sample_prompt": None}
     path = out_dir if init_from == "resume" else init_from
     checkpoint = load_checkpoint(path, map_location="cpu")
     model, tokenizer = model_from_checkpoint(checkpoint, device=device)
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
-    return cast_weights(model, dtype), tokenizer, {"init_from": init_from, "step": checkpoint["step"], "path": path}
+    return cast_weights(model, dtype), tokenizer, {"init_from": init_from, "step": checkpoint["step"], "path": path,
+                                          "sample_prompt": checkpoint["config"].get("sample_prompt")}
 
 
 # ---- LoRA runs: an adapter and a reference to its base ----------------------------------------

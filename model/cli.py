@@ -115,7 +115,8 @@ class SamplingOptions:
     out_dir: str = field("out", "folder with ckpt.pt (or the path of a checkpoint file)")
     init_from: str = field("resume", "resume (the checkpoint in --out_dir) | path/to/ckpt.pt | gpt2 | gpt2-medium | "
                            "gpt2-large | gpt2-xl | hf:<folder or owner/name>")
-    prompt: str = field("", "text to continue, or FILE:path to read it from a file ('' = start of a document)")
+    prompt: str = field("", "text to continue, or FILE:path to read it from a file ('' = the prompt the model's "
+                        "training run sampled from, else the start of a document)")
     temperature: float = field(0.8, "0 = greedy (always the most likely token); higher = more random")
     top_k: int = field(0, "sample only from the k most likely tokens (0 = all)")
     top_p: float = field(1.0, "sample only from the smallest set of tokens whose probability reaches p (1 = all)")
@@ -179,9 +180,11 @@ def pick_dtype(name, device_type):
     return dtypes[name]
 
 
-def read_prompt(prompt, tokenizer):
-    """--prompt text, or FILE:path -> (token ids, the prompt's text). '' starts a fresh
-    document: the start (or else end) of document token where the tokenizer has one, else a line break."""
+def read_prompt(prompt, tokenizer, trained_prompt=None):
+    """--prompt text, or FILE:path -> (token ids, the prompt's text). '' means the prompt the
+    model's training run sampled from (its sample_prompt, chosen to show that data well: "def "
+    for code, not the licence header most files start with), and, for a model without one,
+    a fresh document: the start (or else end) of document token, else a line break."""
     if prompt.startswith("FILE:"):
         path = prompt[len("FILE:"):]
         try:
@@ -193,6 +196,7 @@ def read_prompt(prompt, tokenizer):
             raise UserError(f"prompt file {path} is not UTF-8 text") from None
         if not prompt:
             raise UserError(f"prompt file {path} is empty")
+    prompt = prompt or trained_prompt
     if prompt:
         return tokenizer.encode_prompt(prompt), prompt
     # a model that has a start-of-document token (Llama's BOS) was trained to begin with it

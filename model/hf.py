@@ -10,17 +10,15 @@ tokenizer.json); transformers itself is never imported, so the runtime needs onl
 safetensors, tokenizers and huggingface_hub.
 """
 
-import contextlib
 import json
 import os
 import re
 
 import torch
-import torch.nn as nn
 
 from model.errors import UserError
 from model.files import atomic_write
-from model.gpt import GPT, GPTConfig, rope_frequencies
+from model.gpt import GPT, GPTConfig
 from model.tokenizer import hf_tokenizer, tokenizer_json
 
 SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM")
@@ -230,20 +228,6 @@ class WeightFiles:
             raise UserError(f"cannot read tensor {name} from {self.file_of[name]} ({str(e)[:200]})") from None
 
 
-@contextlib.contextmanager
-def shapes_only():
-    """Build modules on the meta device (shapes, no memory). nn.Embedding's own random init is
-    skipped there: normal_ on meta tensors imports torch's compiler stack, seconds of start-up
-    for numbers that would be overwritten from the file anyway."""
-    reset = nn.Embedding.reset_parameters
-    nn.Embedding.reset_parameters = lambda self: None
-    try:
-        with torch.device("meta"):
-            yield
-    finally:
-        nn.Embedding.reset_parameters = reset
-
-
 def load_hf_model(folder: str):
     """(our GPT in float32 on the CPU, its tokenizer) from a transformers model folder."""
     if not os.path.isdir(folder):
@@ -251,20 +235,7 @@ def load_hf_model(folder: str):
     config = gpt_config(read_json(os.path.join(folder, "config.json")))
     tokenizer = hf_tokenizer(folder)
     weights = WeightFiles(folder)
-    # Built on the meta device: no memory and no random init for weights about to be replaced.
-    # Then each parameter gets uninitialised float32 memory, filled tensor by tensor from the
-    # files. (model.to_empty would do that too, but empty_like on meta tensors imports sympy.)
-    with shapes_only():
-        model = GPT(config)
-    for module in model.modules():
-        for name, param in list(module.named_parameters(recurse=False)):
-            setattr(module, name, nn.Parameter(torch.empty(tuple(param.shape), dtype=param.dtype)))
-        for name, buffer in list(module.named_buffers(recurse=False)):
-            setattr(module, name, torch.empty(tuple(buffer.shape), dtype=buffer.dtype))
-    if config.tie_embeddings:  # each module got its own new tensor: tie them again
-        model.lm_head.weight = model.wte.weight
-    if config.arch == "llama":
-        model.rope_inv_freq.copy_(rope_frequencies(config))  # a buffer, not a weight: computed
+    model = GPT.uninitialised(config)  # filled tensor by tensor from the files below
     params = dict(model.named_parameters())
     with torch.no_grad():
         for ours, theirs in hf_names(config).items():

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.errors import UserError
-from model.gpt import GPTConfig
+from model.gpt import GPTConfig, Linear
 
 ATTENTION_SLICES = ("q", "k", "v")
 WHOLE_MATRICES = ("attn.c_proj", "mlp.c_fc", "mlp.c_gate", "mlp.c_proj")
@@ -153,13 +153,13 @@ def unmerge(model):
 
 
 def merge_and_remove(model):
-    """Fold every adapter into its weight and put plain nn.Linear layers back: the result is
+    """Fold every adapter into its weight and put plain Linear layers back: the result is
     an ordinary GPT, as fast as the base, that every script (export, run.py) understands."""
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
                 child.merge()
-                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                linear = Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
                 linear.weight, linear.bias = child.weight, child.bias
                 setattr(module, child_name, linear)
     return model

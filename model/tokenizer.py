@@ -20,11 +20,11 @@ import collections
 import heapq
 import json
 import os
+import re
 import time
 
-import regex
-import tiktoken
-import tokenizers
+# regex, tiktoken and tokenizers are imported where a tokenizer of their kind is made: sampling
+# a character model (the default run) then starts without loading any of them.
 
 from model.errors import UserError
 from model.files import atomic_write
@@ -119,6 +119,8 @@ class BytePairTokenizer(Tokenizer):
         self.eos_id = len(ranks)
         self.vocab_size = len(ranks) + 1
         self.bytes_of = sorted(ranks, key=ranks.get) + [EOT.encode()]
+        import tiktoken
+
         try:
             self.encoding = tiktoken.Encoding(
                 name=f"{kind}-{self.vocab_size}",
@@ -169,6 +171,8 @@ class HFTokenizer(Tokenizer):
     kind = "hf"
 
     def __init__(self, tokenizer_json: str, bos_id=None, eos_id=None):
+        import tokenizers
+
         try:
             self.tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)
         except Exception as e:  # the Rust side raises a plain Exception for any bad field
@@ -194,7 +198,7 @@ class HFTokenizer(Tokenizer):
             elif "ByteLevel" in decoder_types and all(ch in byte_of_char for ch in token):
                 # GPT-2's trick: each byte was stored as a printable character
                 table[id] = bytes(byte_of_char[ch] for ch in token)
-            elif regex.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
                 table[id] = bytes([int(token[3:5], 16)])  # SentencePiece's byte fallback
             else:
                 # SentencePiece style: '▁' marks a space. Best effort: decode() is exact,
@@ -333,6 +337,8 @@ def train_bpe(texts: list[str], vocab_size: int, verbose: bool = False) -> Token
     """
     if vocab_size < 257:
         raise UserError(f"a byte-level BPE needs vocab_size >= 257 (256 bytes + {EOT}), got {vocab_size}")
+    import regex  # the GPT-2 pattern's \p{L} classes need it (the standard re has none)
+
     start = time.time()
     split = regex.compile(GPT2_SPLIT_PATTERN)
     chunk_counts = collections.Counter()
@@ -422,6 +428,8 @@ def gpt2_tokenizer(tokenizer_file: str | None = None) -> Tokenizer:
         except OSError as e:
             raise UserError(f"cannot read tokenizer file {tokenizer_file}: {e.strerror}") from None
         return BytePairTokenizer("gpt2", ranks)
+    import tiktoken
+
     try:
         encoding = tiktoken.get_encoding("gpt2")  # downloads once, then cached
     except Exception as e:  # no network, proxy, corrupt cache...: all mean "give us the file"
@@ -476,6 +484,7 @@ def load_tokenizer(path: str) -> Tokenizer:
 def tokenizer_json(tokenizer: Tokenizer) -> dict:
     """The tokenizer as a tokenizer.json (the `tokenizers` library's format, which transformers'
     AutoTokenizer reads), giving the same ids as tokenizer.encode for any text."""
+    import tokenizers
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
     if tokenizer.kind == "hf":

@@ -11,7 +11,8 @@ def test_bench_reports_training_generation_and_run_py_side_by_side(tiny_char_dat
     figures = {(f["measurement"], f["setting"]): f["value"] for f in report["figures"]}
     measured = {measurement for measurement, _ in figures}
     assert {"train tokens/s", "train peak memory", "sample.py generation", "KV cache speed-up",
-            "run.py generation (numpy)", "run.py vs sample.py"} <= measured
+            "sample.py tokens/s", "sample.py first token", "run.py tokens/s", "run.py first token",
+            "sample.py vs run.py"} <= measured
     assert all(value > 0 for value in figures.values())
     assert ("KV cache speed-up", "ctx 256") in figures and ("KV cache speed-up", "ctx 1024") in figures
     assert "cores" in report["machine"]

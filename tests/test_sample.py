@@ -52,3 +52,12 @@ def test_dtype_chooses_the_weights_precision(trained):
             "--device=cpu"]
     assert run_script(*args, "--dtype=bfloat16").stdout.startswith("delta ")
     assert_clean_error(run_script(*args, "--dtype=float8", check=False))
+
+
+def test_no_prompt_continues_the_prompt_training_sampled_from(tiny_char_data, tmp_path):
+    out_dir = tmp_path / "out"
+    run_script("train.py", *TINY_MODEL, f"--data_root={tiny_char_data}", "--dataset=tiny", f"--out_dir={out_dir}",
+               "--max_iters=2", "--eval_interval=2", "--sample_prompt=golf ")
+    args = ["sample.py", f"--out_dir={out_dir}", "--max_new_tokens=5", "--device=cpu"]
+    assert run_script(*args).stdout.startswith("golf ")
+    assert run_script(*args, "--prompt=hotel ").stdout.startswith("hotel ")

@@ -441,6 +441,7 @@ RECIPE_CHANGES = {
     "+ zero-init projections": ["--zero_init_proj=true"],
     "+ logit soft-cap 30": ["--logit_softcap=30"],
     "+ warmup-stable-decay": ["--lr_schedule=wsd"],
+    "+ batch 24": ["--batch_size=24"],
 }
 RECIPE_PRESET = "configs/shakespeare_char_cpu.toml"
 RECIPE_TARGET = 1.90  # nanoGPT's CPU recipe ends near 1.88: the time to this loss compares speed

@@ -370,7 +370,7 @@ def train(cfg, checkpoint=None):
 
     progress = tqdm(total=cfg.max_iters, initial=step, disable=not is_master, dynamic_ncols=True, unit="step")
     timer, tokens_since = time.time(), 0
-    run_started, plotted_at = time.time(), 0.0
+    run_started = plotted_at = time.time()  # (no picture of the step-0 loss alone)
     while True:
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             if step != last_eval_step:  # (a resumed run may have been evaluated at this step already)

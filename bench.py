@@ -504,7 +504,8 @@ def print_table(rows, machine):
     widths = [max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)]
     print(f"{'measurement':<{widths[0]}}  {'setting':<{widths[1]}}  {'value':>12}  unit")
     for what, setting, value, unit in rows:
-        shown = f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
+        # (losses differ in the third decimal; other figures need no more than two)
+        shown = f"{value:.3f}" if unit == "nats" else f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
         print(f"{what:<{widths[0]}}  {setting:<{widths[1]}}  {shown:>12}  {unit}")
 
 

@@ -40,6 +40,6 @@ def test_a_successful_write_replaces_the_file_and_creates_folders(tmp_path):
 
 def test_help_shows_the_values_that_would_run():
     plain = run_script("train.py", "--help").stdout  # a plain run uses configs/default.toml
-    assert "--max_iters=800 " in plain and "--eval_interval=200 " in plain and "--sample_prompt='def '" in plain
+    assert "--max_iters=660 " in plain and "--eval_interval=330 " in plain and "--sample_prompt='def '" in plain
     preset = run_script("train.py", "configs/shakespeare_char_cpu.toml", "--help", "--max_iters=7").stdout
     assert "--out_dir='out-shakespeare-char-cpu'" in preset and "--max_iters=7 " in preset

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import tiktoken.load
 
-from model import tokenizer as tokenizer_module
 from model.errors import UserError
 from model.tokenizer import (
     EOT,
@@ -244,7 +243,9 @@ def test_gpt2_without_network_says_to_pass_a_tokenizer_file(monkeypatch):
     def offline(name):
         raise ConnectionError("no network")
 
-    monkeypatch.setattr(tokenizer_module.tiktoken, "get_encoding", offline)
+    import tiktoken  # (model/tokenizer.py imports it only when a tokenizer needs it)
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(UserError, match="--tokenizer_file=path/to/gpt2.tiktoken"):
         gpt2_tokenizer()
 

@@ -122,7 +122,16 @@ def test_softcap_bounds_the_logits_and_zero_init_starts_blocks_as_the_identity()
     assert GPTConfig(mlp_activation="relu2").mlp_hidden == 4 * 768  # no gate: GPT-2's width
 
 
-def test_a_one_row_product_split_over_the_cores_is_the_plain_product(monkeypatch):
+@pytest.fixture
+def two_threads():
+    """Two threads, whatever the machine has: the one-row product is split one slice per thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_one_row_product_split_over_the_cores_is_the_plain_product(monkeypatch, two_threads):
     torch.manual_seed(0)
     layer = Linear(512, 1024)  # 2**19 weights: big enough to be split
     x = torch.randn(1, 1, 512)
@@ -130,28 +139,18 @@ def test_a_one_row_product_split_over_the_cores_is_the_plain_product(monkeypatch
     layer.weight.data = layer.weight.data.t().contiguous().t()  # as GPT.use_cpu_decoding_layout lays it out
     batched = []
     monkeypatch.setattr(torch, "bmm", lambda *args, bmm=torch.bmm: batched.append(1) or bmm(*args))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with torch.inference_mode():
-            split = layer(x)
-    finally:
-        torch.set_num_threads(threads)
+    with torch.inference_mode():
+        split = layer(x)
     assert batched, "the one-row product was not split"
     assert torch.allclose(split, expected, atol=1e-5), (split - expected).abs().max()
 
 
-def test_generation_on_the_cpu_keeps_the_weights_and_lays_them_out_for_one_row_products():
+def test_generation_on_the_cpu_keeps_the_weights_and_lays_them_out_for_one_row_products(two_threads):
     model = tiny("gpt2", n_embd=256, n_head=4)  # c_fc and c_proj have 2**18 weights: split
     before = {name: p.clone() for name, p in model.named_parameters()}
     prompt = [3, 1, 4, 1, 5]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with_cache = list(model.generate(prompt, 11, temperature=0))  # one row at a time: split products
-        without = list(model.generate(prompt, 11, temperature=0, use_kv_cache=False))  # whole rows
-    finally:
-        torch.set_num_threads(threads)
+    with_cache = list(model.generate(prompt, 11, temperature=0))  # one row at a time: split products
+    without = list(model.generate(prompt, 11, temperature=0, use_kv_cache=False))  # whole rows
     assert with_cache == without
     assert model.blocks[0].mlp.c_fc.weight.t().is_contiguous()
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())

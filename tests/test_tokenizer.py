@@ -243,8 +243,7 @@ def test_gpt2_without_network_says_to_pass_a_tokenizer_file(monkeypatch):
     def offline(name):
         raise ConnectionError("no network")
 
-    import tiktoken  # (model/tokenizer.py imports it only when a tokenizer needs it)
-
+    # (the module itself: model/tokenizer.py imports tiktoken only when a tokenizer needs it)
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(UserError, match="--tokenizer_file=path/to/gpt2.tiktoken"):
         gpt2_tokenizer()

@@ -24,7 +24,7 @@ from model.tokenizer import hf_tokenizer, tokenizer_json
 SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM")
 # what a download fetches: the model and its tokenizer, never other formats (.bin, .onnx, .gguf)
 TOKENIZER_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json"]
+                   "special_tokens_map.json", "chat_template.jinja"]
 HUB_FILES = TOKENIZER_FILES + ["model.safetensors", "model-*.safetensors", "model.safetensors.index.json"]
 # GPT-2's sizes by their short names, as OpenAI's weights are named on the hub today
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -333,7 +333,8 @@ def save_hf_model(model, tokenizer, folder: str):
         # the tokenizer.json alone defines the tokenizer: no class that would rebuild it its own way
         "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.config.block_size,
                                   "bos_token": token_name(tokenizer.bos_id), "eos_token": token_name(tokenizer.eos_id),
-                                  "clean_up_tokenization_spaces": False},
+                                  "clean_up_tokenization_spaces": False,
+                                  **({"chat_template": tokenizer.chat_template} if tokenizer.chat_template else {})},
     }
     with atomic_write(os.path.join(folder, "model.safetensors")) as f:
         # safetensors writes the file itself, tensor by tensor, by name: the temporary file's

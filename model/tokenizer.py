@@ -47,6 +47,9 @@ class Tokenizer:
     vocab_size: int  # number of ids, special tokens included
     eos_id: int | None  # id that ends a document (<|endoftext|>), None where the kind has none
     bos_id: int | None = None  # id that starts a document (Llama's <s>), None where the kind has none
+    # the model's chat template (Jinja text, as transformers and llama.cpp store it), None where the
+    # model came without one; it travels with the tokenizer, so a fine-tuned checkpoint keeps it
+    chat_template: str | None = None
 
     def encode_prompt(self, text: str) -> list[int]:
         """The ids a user's prompt becomes (the hf kind adds its own special tokens, e.g. BOS)."""
@@ -166,11 +169,12 @@ class HFTokenizer(Tokenizer):
 
     Kept as the JSON text itself, so a checkpoint carries it like any other tokenizer.
     bos_id/eos_id come from the model's config files (see hf_tokenizer): tokenizer.json
-    lists special tokens but does not say which one starts or ends a document."""
+    lists special tokens but does not say which one starts or ends a document, nor how a chat
+    is written (chat_template: tokenizer_config.json's, or a GGUF file's)."""
 
     kind = "hf"
 
-    def __init__(self, tokenizer_json: str, bos_id=None, eos_id=None):
+    def __init__(self, tokenizer_json: str, bos_id=None, eos_id=None, chat_template=None):
         import tokenizers
 
         try:
@@ -183,6 +187,9 @@ class HFTokenizer(Tokenizer):
         vocab = self.tokenizer.get_vocab(with_added_tokens=True)
         self.vocab_size = max(vocab.values()) + 1
         self.bos_id, self.eos_id = bos_id, eos_id
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise UserError("chat_template must be text (a Jinja template)")
+        self.chat_template = chat_template or None
         self.bytes_of = self._token_bytes_table(vocab)
 
     def _token_bytes_table(self, vocab):
@@ -233,7 +240,8 @@ class HFTokenizer(Tokenizer):
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def to_dict(self):
-        return {"kind": "hf", "tokenizer_json": self.tokenizer_json, "bos_id": self.bos_id, "eos_id": self.eos_id}
+        return {"kind": "hf", "tokenizer_json": self.tokenizer_json, "bos_id": self.bos_id, "eos_id": self.eos_id,
+                "chat_template": self.chat_template}
 
 
 def byte_to_unicode() -> dict[int, str]:
@@ -247,7 +255,8 @@ def byte_to_unicode() -> dict[int, str]:
 
 def hf_tokenizer(folder: str) -> Tokenizer:
     """folder/tokenizer.json, with the start/end-of-document ids from the model's config files
-    (generation_config.json, then config.json, then tokenizer_config.json's token names)."""
+    (generation_config.json, then config.json, then tokenizer_config.json's token names) and
+    the chat template (chat_template.jinja, else tokenizer_config.json's chat_template)."""
     path = os.path.join(folder, "tokenizer.json")
     try:
         with open(path, encoding="utf-8") as f:
@@ -281,7 +290,26 @@ def hf_tokenizer(folder: str) -> Tokenizer:
         found = [first_id(source.get(f"{name}_token_id")) for source in sources]
         found.append(first_id(tokenizer_config.get(f"{name}_token")))
         setattr(tokenizer, f"{name}_id", next((i for i in found if i is not None), None))
+    tokenizer.chat_template = read_chat_template(folder, tokenizer_config)
     return tokenizer
+
+
+def read_chat_template(folder, tokenizer_config):
+    """A Hugging Face folder's chat template: transformers 4.43+ may write it to its own file,
+    chat_template.jinja; older folders keep it in tokenizer_config.json, as a string or as a
+    list of named templates (then the one named "default")."""
+    try:
+        with open(os.path.join(folder, "chat_template.jinja"), encoding="utf-8") as f:
+            return f.read() or None
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {os.path.join(folder, 'chat_template.jinja')}: {e}") from None
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template else None
 
 
 def ranks_to_text(ranks: dict[bytes, int]) -> str:
@@ -458,7 +486,7 @@ def tokenizer_from_dict(d) -> Tokenizer:
                 raise ValueError(f"expected special tokens {{{EOT!r}: {len(ranks)}}}")
             return BytePairTokenizer(kind, ranks, d["pattern"])
         if kind == "hf":
-            return HFTokenizer(d["tokenizer_json"], d.get("bos_id"), d.get("eos_id"))
+            return HFTokenizer(d["tokenizer_json"], d.get("bos_id"), d.get("eos_id"), d.get("chat_template"))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"tokenizer data is corrupt: {type(e).__name__}: {e}") from None
     raise UserError(f"tokenizer data is corrupt: unknown kind {kind!r} (expected char, bpe, gpt2 or hf)")

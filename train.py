@@ -18,6 +18,7 @@ import shlex
 import signal
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -226,7 +227,12 @@ def train(cfg, checkpoint=None):
         if device.startswith("cuda"):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
+        # DDP imports torch._dynamo; imported for the first time while a process group exists,
+        # it keeps references to the group, and destroy_process_group cannot end a group that
+        # something still holds (see leave_together): import it before the group is made
+        import torch._dynamo as _dynamo  # noqa: F401  (`as`: a bare import would make torch a local name)
         torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        signal.signal(signal.SIGTERM, stopped_by_launcher)
     else:
         rank, world_size, device = 0, 1, resolve_device(cfg.device)
     is_master = rank == 0  # only rank 0 prints, plots and writes files
@@ -349,10 +355,18 @@ def train(cfg, checkpoint=None):
                          f"checkpoint in {cfg.out_dir} is kept. Try a lower --learning_rate or --grad_clip")
 
     def save():
-        if bool(nonfinite_seen):
+        nonfinite = nonfinite_seen.float()
+        if distributed:  # each process sees the loss of its own batches: a NaN in any stops them all
+            torch.distributed.all_reduce(nonfinite, op=torch.distributed.ReduceOp.MAX)
+        if nonfinite.item():
             raise diverged()
         if is_master:
-            save_checkpoint(checkpoint_now(), os.path.join(cfg.out_dir, "ckpt.pt"))
+            path = os.path.join(cfg.out_dir, "ckpt.pt")
+            try:
+                save_checkpoint(checkpoint_now(), path)
+            except OSError as e:  # a full disk, a folder in the way: the last checkpoint written is kept
+                progress.close()
+                raise UserError(f"cannot write the checkpoint {path}: {e.strerror or e}") from None
 
     # Ctrl-C: finish the current step, save, and exit (a second Ctrl-C stops at once)
     stop_requested = []
@@ -444,9 +458,15 @@ def train(cfg, checkpoint=None):
             save()
             progress.close()
             say(f"stopped at step {step}; saved {cfg.out_dir}/ckpt.pt (continue with --init_from=resume)")
+            if distributed:
+                del model  # the DDP wrapper holds the process group
+                leave_together(device)
             sys.exit(130)
     progress.close()
     say(f"done: {step} steps, best val loss {best_val_loss:.4f}; saved {cfg.out_dir}/ckpt.pt")
+    if distributed:  # the last collective operation is behind every process: end the group, then sample
+        del model  # the DDP wrapper holds the process group
+        leave_together(device)
     if is_master and lora_settings:
         say(lora_size_line(os.path.join(cfg.out_dir, "ckpt.pt"), lora_settings))
 
@@ -460,8 +480,6 @@ def train(cfg, checkpoint=None):
         print(tokenizer.decode(prompt + new))
     if log_file:
         log_file.close()
-    if distributed:
-        torch.distributed.destroy_process_group()
 
 
 def lora_alpha(cfg):
@@ -498,6 +516,78 @@ def stop_agreed(stop_requested, distributed, at_log_step, device):
     flag = torch.tensor(float(bool(stop_requested)), device=device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return flag.item() > 0
+
+
+# ---- how a process of a torchrun run ends ------------------------------------------------
+# Together, when every process reaches the same end at the same step (finished, or Ctrl-C
+# agreed at a log step), or alone, when one stops on its own (an error, a failed collective
+# operation, the launcher's SIGTERM) and the others may still be inside a collective.
+
+def leave_together(device):
+    """Barrier, then destroy the process group. gloo runs each collective on a worker thread
+    that lets go of the collective's tensors only after the caller has its result. A process
+    that ended right after its last all-reduce (rank 1, while rank 0 still writes the
+    checkpoint) could reach interpreter shutdown with that thread still holding a tensor;
+    releasing it needs an interpreter that is going away, and the C++ runtime aborts
+    ("terminate called without an active exception", SIGABRT: torchrun reports a failed run).
+    destroy_process_group joins the worker threads only when nothing else holds the group
+    (hence `del model` before this, and torch._dynamo imported before the group is made).
+    The barrier keeps any process from ending its group while another is still inside a
+    collective operation (NCCL's teardown must not meet a collective in flight)."""
+    torch.distributed.barrier(device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None)
+    torch.distributed.destroy_process_group()
+
+
+# the store key where the first process to stop says why (one per attempt: torchrun can restart a run)
+STOP_NOTE = f"train.py/stopped/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def leave_alone(exit_code, line):
+    """End this process now: leave a note in the group's store for the others, print one line,
+    and exit without the interpreter's shutdown. Waiting for the others (a barrier) would hang,
+    and destroying the group or shutting the interpreter down while a collective may be in
+    flight is what aborts (see leave_together). torchrun sees the exit and stops the others,
+    whose collective operations fail at once when this process's connections close."""
+    try:  # compare_set writes a missing key only: the first process to stop keeps its note
+        store = torch.distributed.distributed_c10d._get_default_store()
+        store.compare_set(STOP_NOTE, "", f"process {torch.distributed.get_rank()} stopped ({line})")
+    except Exception:  # the store went down with its host: the line below still says why
+        pass
+    sys.stdout.flush()
+    print(line, file=sys.stderr, flush=True)
+    os._exit(exit_code)
+
+
+def other_process_stopped():
+    """The note of the first process of this run that stopped on its own, or None."""
+    try:
+        store = torch.distributed.distributed_c10d._get_default_store()
+        if store.check([STOP_NOTE]):
+            note = store.get(STOP_NOTE).decode()
+            if not note.startswith(f"process {torch.distributed.get_rank()} "):
+                return note
+    except Exception:
+        pass
+    return None
+
+
+def stop_line(error):
+    """(exit code, one line) for an exception that ends one process of a torchrun run."""
+    if isinstance(error, UserError):
+        return 2, f"error: {error}"
+    if isinstance(error, KeyboardInterrupt):
+        return 130, "interrupted"
+    note = other_process_stopped()
+    if note:  # this process's collective failed because another process had stopped
+        return 1, f"stopped: {note}, so process {torch.distributed.get_rank()} stops too"
+    traceback.print_exception(error)  # a failure of this process's own: where it happened matters
+    return 1, f"error: process {torch.distributed.get_rank()} failed ({type(error).__name__})"
+
+
+def stopped_by_launcher(signum, frame):
+    """torchrun stops every process with SIGTERM when one of them has ended with an error."""
+    note = other_process_stopped() or "the launcher stopped the run"
+    leave_alone(128 + signum, f"stopped: {note}, so process {torch.distributed.get_rank()} stops too")
 
 
 def draw_loss_plot(out_dir):
@@ -556,7 +646,12 @@ def main():
                 raise UserError(f"--block_size can be at most the model's context, {saved_model['block_size']}")
         cfg = TrainConfig(**base)
     check_config(cfg)
-    train(cfg, checkpoint)
+    try:
+        train(cfg, checkpoint)
+    except (Exception, KeyboardInterrupt) as e:
+        if torch.distributed.is_initialized():  # this process stops while the others may not
+            leave_alone(*stop_line(e))
+        raise
 
 
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")

@@ -536,6 +536,7 @@ def leave_together(device):
     collective operation (NCCL's teardown must not meet a collective in flight)."""
     torch.distributed.barrier(device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None)
     torch.distributed.destroy_process_group()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # no group left to leave a note in
 
 
 # the store key where the first process to stop says why (one per attempt: torchrun can restart a run)
@@ -546,8 +547,10 @@ def leave_alone(exit_code, line):
     """End this process now: leave a note in the group's store for the others, print one line,
     and exit without the interpreter's shutdown. Waiting for the others (a barrier) would hang,
     and destroying the group or shutting the interpreter down while a collective may be in
-    flight is what aborts (see leave_together). torchrun sees the exit and stops the others,
-    whose collective operations fail at once when this process's connections close."""
+    flight is what aborts (see leave_together). torchrun sees the exit and stops the others
+    with SIGTERM; under gloo their collective operations fail at once anyway, when this
+    process's connections close. (A process blocked inside an NCCL collective runs no Python
+    until it returns: torchrun kills it after its --shutdown-timeout, 30 s by default.)"""
     try:  # compare_set writes a missing key only: the first process to stop keeps its note
         store = torch.distributed.distributed_c10d._get_default_store()
         store.compare_set(STOP_NOTE, "", f"process {torch.distributed.get_rank()} stopped ({line})")

@@ -83,23 +83,30 @@ def read_text(path):
 def chunk_document(source, text, chunk_tokens=200, overlap=40):
     """Chunks of at most chunk_tokens tokens as dicts {source, lines: [first, last] (1-based),
     text}. A chunk grows line by line; it ends at the last paragraph break (a blank line) that
-    keeps it at least half full, else at a line. The next chunk starts `overlap` tokens of
-    whole lines before the end, so a passage cut in two is still whole in one of them.
+    keeps it at least half full, else at a line. After a cut inside a paragraph the next chunk
+    starts `overlap` tokens of whole lines before the end, so a passage cut in two is still
+    whole in one of them; after a paragraph break it starts at the next paragraph.
     A single line longer than chunk_tokens is cut between words."""
     if chunk_tokens < 1 or not 0 <= overlap < chunk_tokens:
         raise UserError(f"--chunk_tokens must be at least 1 and --overlap in [0, chunk_tokens), "
                         f"got {chunk_tokens} and {overlap}")
     pieces = []  # (line number, text, tokens): lines, long ones in parts
     for number, line in enumerate(text.splitlines(), 1):
-        words = re.findall(r"\S+\s*", line)
+        line = line.rstrip()
+        tokens = count_tokens(line)
+        if tokens <= chunk_tokens:
+            pieces.append((number, line, tokens))
+            continue
         part, part_tokens = "", 0
-        for word in words:
-            tokens = count_tokens(word)
-            if part and part_tokens + tokens > chunk_tokens:
-                pieces.append((number, part.rstrip(), part_tokens))
-                part, part_tokens = "", 0
-            part, part_tokens = part + word, part_tokens + tokens
-        pieces.append((number, part.rstrip() if words else "", part_tokens))
+        for word in re.findall(r"\s*\S+", line):
+            word_tokens = count_tokens(word)
+            if part and part_tokens + word_tokens > chunk_tokens:
+                pieces.append((number, part, part_tokens))
+                part, part_tokens = word.lstrip(), 0
+            else:
+                part += word
+            part_tokens += word_tokens
+        pieces.append((number, part, part_tokens))
 
     chunks, start = [], 0
     while start < len(pieces):
@@ -118,7 +125,10 @@ def chunk_document(source, text, chunk_tokens=200, overlap=40):
                            "text": "\n".join(p[1] for p in trim_blank(pieces[start:end]))})
         if end >= len(pieces):
             break
-        # step back over whole lines worth at most `overlap` tokens (always moving forward)
+        if not pieces[end][1].strip():
+            start = end  # a clean cut at a paragraph break: nothing to repeat
+            continue
+        # cut inside a paragraph: step back over whole lines worth at most `overlap` tokens (always moving forward)
         next_start, repeated = end, 0
         while next_start - 1 > start and repeated + pieces[next_start - 1][2] <= overlap:
             next_start -= 1

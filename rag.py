@@ -25,12 +25,10 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from data.retrieval import (chunk_document, count_tokens, open_index, rank_chunks, read_sources, source_matches,
-                            terms, write_index)
-from model.checkpoint import load_model
+                            term_shares, terms, write_index)
 from model.cli import (SamplingOptions, check_sampling_options, field, main_guard, parse_config, pick_dtype,
                        resolve_device)
 from model.errors import UserError
@@ -68,6 +66,8 @@ class RagConfig(SamplingOptions):
                                 "--stuff fills it")
     no_retrieval: bool = field(False, "ask: the model alone, without retrieved chunks")
     stuff: bool = field(False, "ask: as many chunks as fit in the context, best first, instead of --top")
+    answers: str = field("rag,none,stuff", "eval with --init_from: which ways to answer (comma-separated): rag "
+                         "(top chunks), none (no retrieval), stuff (chunks best first to --context_tokens)")
     questions: int = field(0, "eval: the first N questions (0 = all); make_eval: how many to write (0 = all)")
     out: str = field("", "make_eval: the questions file to write")
     json: bool = field(False, "search, eval: print JSON instead of text")
@@ -101,8 +101,14 @@ def check_config(cfg):
     if cfg.top < 1 or cfg.max_new_tokens < 1 or cfg.batch_size < 1 or cfg.context_tokens < 0 or cfg.questions < 0:
         raise UserError("--top, --max_new_tokens and --batch_size must be at least 1, "
                         "--context_tokens and --questions 0 or more")
+    if not set(answer_modes(cfg)) <= {"rag", "none", "stuff"} or not answer_modes(cfg):
+        raise UserError(f"--answers={cfg.answers}: use a comma-separated choice of rag, none and stuff")
     if cfg.no_retrieval and cfg.stuff:
         raise UserError("--no_retrieval and --stuff are two other ways to answer: choose one")
+
+
+def answer_modes(cfg):
+    return [m.strip() for m in cfg.answers.split(",") if m.strip()]
 
 
 def question_of(cfg, arguments, command):
@@ -204,7 +210,8 @@ def score_text(ranking, retriever, chunk_id):
     cosine, or the fused score with both ranks."""
     parts = []
     if chunk_id in ranking["bm25"]:
-        rank, score, shares = ranking["bm25"][chunk_id]
+        rank, score = ranking["bm25"][chunk_id]
+        shares = term_shares(ranking["bm25_terms"], chunk_id)
         terms = ", ".join(f"{t} {s:.2f}" for t, s in sorted(shares.items(), key=lambda kv: -kv[1]))
         parts.append(f"bm25 {score:.2f}" + (f" (#{rank})" if retriever == "hybrid" else "") + f" [{terms}]")
     elif retriever == "hybrid":
@@ -236,7 +243,7 @@ def search_command(cfg, question):
     if cfg.json:
         rows = [{"rank": place, "id": c, "source": index["chunks"][c]["source"], "lines": index["chunks"][c]["lines"],
                  "score": ranking["score"][c],
-                 "bm25_terms": ranking["bm25"][c][2] if c in ranking["bm25"] else None,
+                 "bm25_terms": term_shares(ranking["bm25_terms"], c) if c in ranking["bm25"] else None,
                  "cosine": ranking["dense"][c][1] if c in ranking["dense"] else None,
                  "text": index["chunks"][c]["text"]} for place, c in enumerate(best, 1)]
         print(json.dumps({"retriever": retriever, "chunks": len(index["chunks"]), "seconds": seconds,
@@ -270,6 +277,7 @@ class Answerer:
 
     def __init__(self, cfg):
         from model.chat import end_of_turn_ids
+        from model.checkpoint import load_model
 
         device = resolve_device(cfg.device)
         self.model, self.tokenizer, self.source = load_model(cfg.init_from, cfg.out_dir, device=device,
@@ -324,6 +332,8 @@ class Answerer:
 
     def answer(self, prompt_ids, on_token=None):
         """The answer's ids (greedy unless --temperature), up to the end-of-turn marker."""
+        import torch
+
         cfg = self.cfg
         generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         answer_ids = []
@@ -336,13 +346,15 @@ class Answerer:
                 on_token(token_id)
         return answer_ids
 
-    @torch.inference_mode()
     def probabilities(self, prompt_ids, answer_ids):
         """Each answer token's probability after the prompt and the answer's earlier tokens."""
+        import torch
+
         if not answer_ids:
             return []
         ids = torch.tensor([prompt_ids + answer_ids], device=self.model.wte.weight.device)
-        logits, _ = self.model(ids)
+        with torch.inference_mode():
+            logits, _ = self.model(ids)
         log_probs = logits[0, len(prompt_ids) - 1:-1].float().log_softmax(-1)
         return log_probs.gather(-1, torch.tensor(answer_ids, device=ids.device)[:, None])[:, 0].exp().tolist()
 
@@ -443,7 +455,7 @@ def eval_command(cfg, path):
     rows = read_questions(path, cfg.questions)
     index, retriever, embedder = open_for_queries(cfg)
     answerer = Answerer(cfg) if cfg.init_from else None
-    modes = ("rag", "none", "stuff") if answerer else ()
+    modes = answer_modes(cfg) if answerer else ()
     ranks, correct = [], {m: 0 for m in modes}
     seconds, prompt_lengths = {m: 0.0 for m in modes}, {m: 0 for m in modes}
     for row in tqdm(rows, desc="eval", unit="question", disable=None, file=sys.stderr):
@@ -474,6 +486,8 @@ def eval_command(cfg, path):
               "gold answer")
         for mode, what in (("rag", f"top {cfg.top} chunks"), ("none", "no retrieval"),
                            ("stuff", "stuffed, best first")):
+            if mode not in modes:
+                continue
             print(f"  {mode:<6} {results[f'accuracy_{mode}']:.3f}   prompt {prompt_lengths[mode] / n:7.0f} tokens "
                   f"(mean)   {results[f'seconds_per_question_{mode}']:.2f} s/question   ({what})")
 

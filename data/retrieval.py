@@ -168,30 +168,41 @@ class BM25:
 
     def __init__(self, texts, k1=1.5, b=0.75):
         self.k1, self.b = k1, b
-        self.counts = [collections.Counter(terms(text)) for text in texts]
-        self.lengths = np.array([sum(c.values()) for c in self.counts], dtype=np.float64)
-        self.average_length = float(self.lengths.mean()) if len(self.counts) else 0.0
-        self.postings = collections.defaultdict(list)  # term -> [(chunk, tf)]: chunks that hold it
-        for chunk, counts in enumerate(self.counts):
-            for term, tf in counts.items():
-                self.postings[term].append((chunk, tf))
+        counts = [collections.Counter(terms(text)) for text in texts]
+        self.n_chunks = len(counts)
+        self.lengths = np.array([sum(c.values()) for c in counts], dtype=np.float64)
+        self.average_length = float(self.lengths.mean()) if self.n_chunks else 0.0
+        postings = collections.defaultdict(lambda: ([], []))  # term -> (chunks that hold it, tf in each)
+        for chunk, chunk_counts in enumerate(counts):
+            for term, tf in chunk_counts.items():
+                postings[term][0].append(chunk)
+                postings[term][1].append(tf)
+        self.postings = {term: (np.array(chunks), np.array(tfs, dtype=np.float64))
+                         for term, (chunks, tfs) in postings.items()}
 
     def idf(self, term):
-        n, df = len(self.counts), len(self.postings.get(term, ()))
-        return math.log(1 + (n - df + 0.5) / (df + 0.5))
+        df = len(self.postings[term][0]) if term in self.postings else 0
+        return math.log(1 + (self.n_chunks - df + 0.5) / (df + 0.5))
 
     def scores(self, query):
-        """(score of every chunk, {chunk: {term: its share of the score}})."""
-        scores = np.zeros(len(self.counts))
-        contributions = collections.defaultdict(dict)
-        for term in dict.fromkeys(terms(query)):  # each distinct query term once
-            idf = self.idf(term)
-            for chunk, tf in self.postings.get(term, ()):
-                norm = 1 - self.b + self.b * self.lengths[chunk] / self.average_length
-                share = idf * tf * (self.k1 + 1) / (tf + self.k1 * norm)
-                scores[chunk] += share
-                contributions[chunk][term] = share
-        return scores, contributions
+        """(score of every chunk, {query term: its share of every chunk's score}), one array
+        operation per distinct query term over the chunks that hold it."""
+        scores = np.zeros(self.n_chunks)
+        shares = {}
+        for term in dict.fromkeys(terms(query)):
+            if term not in self.postings:
+                continue
+            chunks, tf = self.postings[term]
+            norm = 1 - self.b + self.b * self.lengths[chunks] / self.average_length
+            shares[term] = np.zeros(self.n_chunks)
+            shares[term][chunks] = self.idf(term) * tf * (self.k1 + 1) / (tf + self.k1 * norm)
+            scores += shares[term]
+        return scores, shares
+
+
+def term_shares(shares, chunk):
+    """{term: its share of this chunk's BM25 score} for the query terms the chunk holds."""
+    return {term: float(share[chunk]) for term, share in shares.items() if share[chunk] > 0}
 
 
 # ---- dense vectors, and fusion --------------------------------------------------------------
@@ -217,33 +228,34 @@ def fuse_ranks(rankings, k=60):
     retriever's first place from outweighing agreement further down. -> {chunk: score}."""
     fused = collections.defaultdict(float)
     for ranking in rankings:
-        for rank, chunk in enumerate(ranking, 1):
-            fused[int(chunk)] += 1 / (k + rank)
+        for rank, chunk in enumerate(np.asarray(ranking).tolist(), 1):
+            fused[chunk] += 1 / (k + rank)
     return dict(fused)
 
 
 def rank_chunks(index, query, retriever, query_embedding=None):
     """Every chunk the retriever can rank, best first, with the numbers behind the order:
-    {"order": chunk ids, "score": {chunk: score}, "bm25": {chunk: (rank, score, {term: share})},
-    "dense": {chunk: (rank, cosine)}}. BM25 ranks only chunks sharing a term with the query."""
-    ranking = {"bm25": {}, "dense": {}}
+    {"order": chunk ids, "score": {chunk: score}, "bm25": {chunk: (rank, score)}, "bm25_terms":
+    {term: share per chunk} (see term_shares), "dense": {chunk: (rank, cosine)}}. BM25 ranks
+    only chunks that share a term with the query."""
+    ranking = {"bm25": {}, "bm25_terms": {}, "dense": {}}
     rankings = []
     if retriever in ("bm25", "hybrid"):
-        scores, contributions = index["bm25"].scores(query)
+        scores, ranking["bm25_terms"] = index["bm25"].scores(query)
         order = top(scores, len(scores), only_positive=True)
-        ranking["bm25"] = {int(c): (r, float(scores[c]), contributions[c]) for r, c in enumerate(order, 1)}
+        ranking["bm25"] = dict(zip(order.tolist(), zip(range(1, len(order) + 1), scores[order].tolist())))
         rankings.append(order)
     if retriever in ("dense", "hybrid"):
         cosines = dense_scores(index["embeddings"], query_embedding)
         order = top(cosines, len(cosines))
-        ranking["dense"] = {int(c): (r, float(cosines[c])) for r, c in enumerate(order, 1)}
+        ranking["dense"] = dict(zip(order.tolist(), zip(range(1, len(order) + 1), cosines[order].tolist())))
         rankings.append(order)
     if retriever == "hybrid":
         fused = fuse_ranks(rankings)
         ranking["order"] = sorted(fused, key=lambda c: -fused[c])
         ranking["score"] = fused
     else:
-        ranking["order"] = [int(c) for c in rankings[0]]
+        ranking["order"] = rankings[0].tolist()
         ranking["score"] = {c: details[1] for c, details in ranking[retriever].items()}
     return ranking
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import assert_clean_error, run_script
-from data.retrieval import BM25, chunk_document, count_tokens, fuse_ranks
+from data.retrieval import BM25, chunk_document, count_tokens, fuse_ranks, term_shares
 from model.files import atomic_folder
 
 PLANTED = "The harbour master keeps the brass telescope in the lighthouse cellar."
@@ -78,7 +78,7 @@ def dense_index(corpus, berts):
 def test_bm25_scores_equal_a_hand_computation():
     texts = ["cat sat on the mat", "dog sat", "cat cat cat dog bird"]
     bm25 = BM25(texts, k1=1.5, b=0.75)
-    scores, contributions = bm25.scores("Cat dog")
+    scores, shares = bm25.scores("Cat dog")
     # by hand: N = 3, average length (5 + 2 + 5) / 3 = 4; "cat" is in 2 chunks, "dog" in 2
     idf = math.log(1 + (3 - 2 + 0.5) / (2 + 0.5))
 
@@ -87,7 +87,8 @@ def test_bm25_scores_equal_a_hand_computation():
 
     expected = [share(1, 5), share(1, 2), share(3, 5) + share(1, 5)]
     assert np.allclose(scores, expected)
-    assert contributions[2] == pytest.approx({"cat": share(3, 5), "dog": share(1, 5)})
+    assert term_shares(shares, 2) == pytest.approx({"cat": share(3, 5), "dog": share(1, 5)})
+    assert term_shares(shares, 1) == pytest.approx({"dog": share(1, 2)})
     assert bm25.scores("unicorn")[0].tolist() == [0, 0, 0]
 
 

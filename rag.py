@@ -458,16 +458,21 @@ def eval_command(cfg, path):
     modes = answer_modes(cfg) if answerer else ()
     ranks, correct = [], {m: 0 for m in modes}
     seconds, prompt_lengths = {m: 0.0 for m in modes}, {m: 0 for m in modes}
-    for row in tqdm(rows, desc="eval", unit="question", disable=None, file=sys.stderr):
-        ranking, _ = retrieve(cfg, index, retriever, embedder, row["question"])
+    for number, row in enumerate(rows, 1):
+        ranking, retrieval_seconds = retrieve(cfg, index, retriever, embedder, row["question"])
         ranks.append(gold_rank(index, ranking, row["source"]))
+        line = f"{number}/{len(rows)} gold {row['source']} at rank {ranks[-1] or '-'}"
         for mode in modes:
             started = time.perf_counter()
             prompt_ids, _, _ = answerer.prompt(row["question"], index, ranking, mode)
             answer = answerer.tokenizer.decode(answerer.answer(prompt_ids))
-            seconds[mode] += time.perf_counter() - started
+            seconds[mode] += time.perf_counter() - started + (retrieval_seconds if mode != "none" else 0)
             prompt_lengths[mode] += len(prompt_ids)
-            correct[mode] += row["answer"].lower() in answer.lower()
+            right = row["answer"].lower() in answer.lower()
+            correct[mode] += right
+            line += f" | {mode} {'right' if right else 'wrong'} {' '.join(answer.split())[:60]!r}"
+        if modes:  # a line per question on stderr: a long run shows its progress and each answer
+            print(line + f" (gold {row['answer']!r})", file=sys.stderr, flush=True)
     n = len(rows)
     results = {f"recall@{k}": sum(1 for r in ranks if r is not None and r <= k) / n for k in (1, 3, 5)}
     results["mrr"] = sum(1 / r for r in ranks if r is not None) / n

@@ -189,15 +189,21 @@ def open_for_queries(cfg):
 
 
 def retrieve(cfg, index, retriever, embedder, question):
-    """(ranking from data.retrieval.rank_chunks, seconds it took, the embedding included)."""
+    """(ranking from data.retrieval.rank_chunks, seconds to embed the question, seconds to score)."""
     started = time.perf_counter()
     query_embedding = None
     if embedder is not None:
         from model.encoder import embed
 
         query_embedding = embed(*embedder, [cfg.query_prefix + question])[0][0]
+    embedded = time.perf_counter()
     ranking = rank_chunks(index, question, retriever, query_embedding)
-    return ranking, time.perf_counter() - started
+    return ranking, embedded - started, time.perf_counter() - embedded
+
+
+def timing(embed_seconds, score_seconds):
+    embedding = f"question embedded in {embed_seconds * 1000:.1f} ms, " if embed_seconds else ""
+    return f"{embedding}scored in {score_seconds * 1000:.1f} ms"
 
 
 def where(chunk):
@@ -238,7 +244,8 @@ def print_chunks(cfg, index, ranking, retriever, chunk_ids, file=sys.stdout):
 
 def search_command(cfg, question):
     index, retriever, embedder = open_for_queries(cfg)
-    ranking, seconds = retrieve(cfg, index, retriever, embedder, question)
+    ranking, embed_seconds, score_seconds = retrieve(cfg, index, retriever, embedder, question)
+    seconds = embed_seconds + score_seconds
     best = ranking["order"][:cfg.top]
     if cfg.json:
         rows = [{"rank": place, "id": c, "source": index["chunks"][c]["source"], "lines": index["chunks"][c]["lines"],
@@ -249,7 +256,7 @@ def search_command(cfg, question):
         print(json.dumps({"retriever": retriever, "chunks": len(index["chunks"]), "seconds": seconds,
                           "results": rows}, ensure_ascii=False))
         return
-    print(f"{retriever} over {len(index['chunks']):,} chunks of {cfg.index}: {seconds * 1000:.1f} ms")
+    print(f"{retriever} over {len(index['chunks']):,} chunks of {cfg.index}: {timing(embed_seconds, score_seconds)}")
     if not best:
         print("no chunk shares a term with the question (try --retriever=dense on an index with embeddings)")
     print_chunks(cfg, index, ranking, retriever, best)
@@ -375,10 +382,10 @@ def ask_command(cfg, question):
     answerer = Answerer(cfg)
     tokenizer = answerer.tokenizer
     if mode != "none":
-        ranking, seconds = retrieve(cfg, index, retriever, embedder, question)
+        ranking, embed_seconds, score_seconds = retrieve(cfg, index, retriever, embedder, question)
     prompt_ids, prompt_text, chosen = answerer.prompt(question, index, ranking, mode)
     if mode != "none":
-        print(f"== retrieved: {retriever} over {len(index['chunks']):,} chunks in {seconds * 1000:.1f} ms; "
+        print(f"== retrieved: {retriever} over {len(index['chunks']):,} chunks ({timing(embed_seconds, score_seconds)}); "
               f"{len(chosen)} in the prompt" + (f" (stuffed to {answerer.context_tokens} tokens)" if mode == "stuff" else ""))
         shown = chosen if mode == "rag" else chosen[:cfg.top]
         print_chunks(cfg, index, ranking, retriever, shown)
@@ -459,7 +466,8 @@ def eval_command(cfg, path):
     ranks, correct = [], {m: 0 for m in modes}
     seconds, prompt_lengths = {m: 0.0 for m in modes}, {m: 0 for m in modes}
     for number, row in enumerate(rows, 1):
-        ranking, retrieval_seconds = retrieve(cfg, index, retriever, embedder, row["question"])
+        ranking, embed_seconds, score_seconds = retrieve(cfg, index, retriever, embedder, row["question"])
+        retrieval_seconds = embed_seconds + score_seconds
         ranks.append(gold_rank(index, ranking, row["source"]))
         line = f"{number}/{len(rows)} gold {row['source']} at rank {ranks[-1] or '-'}"
         for mode in modes:

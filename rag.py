@@ -196,7 +196,7 @@ def retrieve(cfg, index, retriever, embedder, question):
         from model.encoder import embed
 
         query_embedding = embed(*embedder, [cfg.query_prefix + question])[0][0]
-    embedded = time.perf_counter()
+    embedded = time.perf_counter() if embedder is not None else started
     ranking = rank_chunks(index, question, retriever, query_embedding)
     return ranking, embedded - started, time.perf_counter() - embedded
 
@@ -409,8 +409,8 @@ def ask_command(cfg, question):
     bare_ids = chat_ids(tokenizer, question, [])[0]
     with_context = answerer.probabilities(prompt_ids, answer_ids)
     without = answerer.probabilities(bare_ids, answer_ids)
-    print(f"== each answer token's probability with the {len(chosen)} chunks and without them "
-          f"(the model alone, prompt {len(bare_ids)} tokens):")
+    print(f"== each answer token's probability with the {len(chosen)} chunk{'s' * (len(chosen) != 1)} and without "
+          f"them (the model alone, prompt {len(bare_ids)} tokens):")
     print(f"{'token':<20} {'with':>8} {'without':>8} {'ratio':>10}")
     for token_id, p_with, p_without in zip(answer_ids, with_context, without):
         text = repr(tokenizer.decode([token_id]))[:20]

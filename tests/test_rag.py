@@ -295,6 +295,18 @@ def test_make_eval_builds_questions_from_docstrings(tmp_path):
 
 # ---- bad input ------------------------------------------------------------------------------
 
+def char_model(path):
+    """A tiny model whose tokenizer knows only printable ASCII: a '€' cannot be encoded."""
+    from model.checkpoint import checkpoint_of, save_checkpoint
+    from model.gpt import GPT, GPTConfig
+    from model.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer(sorted(set(map(chr, range(32, 127))) | {"\n"}))
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=256, n_layer=1, n_head=2, n_embd=16))
+    save_checkpoint(checkpoint_of(model, tokenizer), path)
+    return path
+
+
 def test_bad_input_is_one_error_line_and_the_index_is_kept(corpus, berts, dense_index, tmp_path):
     index = tmp_path / "idx"
     run_script("rag.py", "index", str(corpus), f"--index={index}")
@@ -306,6 +318,9 @@ def test_bad_input_is_one_error_line_and_the_index_is_kept(corpus, berts, dense_
         "missing source": ["index", str(tmp_path / "nowhere"), f"--index={index}"],
         "empty source": ["index", str(tmp_path / "empty"), f"--index={index}"],
         "folder that is no index": ["index", str(corpus), f"--index={tmp_path / 'notes'}"],
+        "embedder that is not there": ["index", str(corpus), f"--index={index}", f"--embedder=hf:{tmp_path / 'no'}"],
+        "question the tokenizer cannot encode": ["ask", "Where is the telescope, in \u20ac?", f"--index={index}",
+                                                 f"--init_from={char_model(tmp_path / 'char.pt')}"],
         "another embedder": ["search", "telescope", f"--index={dense_index}", f"--embedder=hf:{berts[1]}"],
         "dense on a bm25 index": ["search", "telescope", f"--index={index}", "--retriever=dense"],
         "no index": ["search", "telescope", f"--index={tmp_path / 'none'}"],
@@ -317,7 +332,7 @@ def test_bad_input_is_one_error_line_and_the_index_is_kept(corpus, berts, dense_
         assert_clean_error(result)
     assert "embedded with" in run_script("rag.py", *cases["another embedder"], check=False).stderr
     assert (index / "chunks.jsonl").read_bytes() == before and (tmp_path / "notes" / "readme.txt").exists()
-    assert sorted(os.listdir(tmp_path)) == ["empty", "idx", "notes"]  # no temporary folder left behind
+    assert sorted(os.listdir(tmp_path)) == ["char.pt", "empty", "idx", "notes"]  # no temporary folder left behind
     malformed = write_rows(tmp_path / "q.jsonl", [{"question": "q", "answer": "a", "source": "s"},
                                                   {"question": "q", "answer": 3, "source": "s"}])
     result = run_script("rag.py", "eval", str(malformed), f"--index={index}", check=False)

@@ -2,7 +2,7 @@
 
     python bench.py                       # everything, printed as one table
     python bench.py --json                # the same figures as JSON
-    python bench.py --sections=generate   # only some: train, generate, runpy, tokenizer, hf, lora, recipe
+    python bench.py --sections=generate   # only some: train, generate, runpy, tokenizer, hf, lora, recipe, rag
     python bench.py --train_config=configs/gpt2_124m.toml --compile_too   # a GPU training figure
 
 What it measures:
@@ -23,6 +23,9 @@ What it measures:
   recipe     the training recipe's ablation on Tiny Shakespeare (data/shakespeare_char): nanoGPT's
              CPU recipe, each change alone on top of it, and configs/shakespeare_char_cpu.toml;
              val loss after the same wall time and the seconds to reach val 1.90
+  rag        rag.py's search over 10^4 and 10^5 chunks: the vector index (a float32 matrix of
+             384-dimensional unit rows times the query, then the top 5) and BM25 (chunks of the
+             standard library's source, repeated to the count), with the memory each needs
 Every figure is the median of several repeats after a warm-up; ratios compare figures from
 this same run, never numbers from elsewhere.
 """
@@ -47,8 +50,8 @@ from model.checkpoint import checkpoint_of, save_checkpoint
 from model.gpt import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-USAGE = "usage: python bench.py [--sections=train,generate,runpy,tokenizer,hf,lora,recipe] [--json] [--field=value ...]"
-SECTIONS = ("train", "generate", "runpy", "tokenizer", "hf", "lora", "recipe")
+USAGE = "usage: python bench.py [--sections=train,generate,runpy,tokenizer,hf,lora,recipe,rag] [--json] [--field=value ...]"
+SECTIONS = ("train", "generate", "runpy", "tokenizer", "hf", "lora", "recipe", "rag")
 
 # The training shapes of the CPU benchmark: the Shakespeare CPU recipe's model, and the
 # well-known GPU recipe's model at a short batch.
@@ -60,7 +63,7 @@ TRAIN_SHAPES = {
 
 @dataclass
 class BenchConfig:
-    sections: str = field("train,generate,runpy,tokenizer", "comma-separated sections to run (also: hf, lora, recipe)")
+    sections: str = field("train,generate,runpy,tokenizer", "comma-separated sections to run (also: hf, lora, recipe, rag)")
     device: str = field("auto", "auto | cpu | cuda | mps")
     repeats: int = field(3, "timed repeats per figure (the median is reported)")
     train_steps: int = field(40, "training steps per measurement (the first 10 are warm-up)")
@@ -486,6 +489,38 @@ def bench_recipe(cfg, device, rows):
         rows.append((f"recipe: {name}", f"seconds to val {RECIPE_TARGET}", statistics.median(reached), "s"))
 
 
+def bench_rag(cfg, rows):
+    """Search time of the two indexes rag.py keeps, at 10^4 and 10^5 chunks, one question."""
+    import numpy as np
+
+    from data.dataset import stdlib_files
+    from data.retrieval import BM25, chunk_document, dense_scores, read_text, top
+
+    question = "Return the number of seconds since the epoch, as a floating point number."
+    root, files = stdlib_files()
+    chunks = []
+    for path in files:
+        text = read_text(path)
+        chunks += [c["text"] for c in chunk_document(str(path), text, 200, 40)] if text else []
+        if len(chunks) >= 100_000:
+            break
+    rng = np.random.default_rng(0)
+    for n in (10_000, 100_000):
+        embeddings = rng.standard_normal((n, 384), dtype=np.float32)
+        embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+        query = embeddings[0].copy()
+        seconds = median_time(lambda: top(dense_scores(embeddings, query), 5), max(cfg.repeats, 5))
+        rows.append(("rag dense search (matrix x query, top 5)", f"{n:,} chunks x 384", seconds * 1000, "ms"))
+        rows.append(("rag dense index memory", f"{n:,} chunks x 384 float32", embeddings.nbytes / 1e6, "MB"))
+        texts = (chunks * (n // len(chunks) + 1))[:n]
+        started = time.perf_counter()
+        bm25 = BM25(texts)
+        rows.append(("rag bm25 counting (on opening the index)", f"{n:,} chunks of 200 tokens",
+                     time.perf_counter() - started, "s"))
+        seconds = median_time(lambda: top(bm25.scores(question)[0], 5, only_positive=True), cfg.repeats)
+        rows.append(("rag bm25 search (13-word question, top 5)", f"{n:,} chunks of 200 tokens", seconds * 1000, "ms"))
+
+
 def machine_description(device):
     cpu = platform.processor() or platform.machine()
     try:
@@ -533,6 +568,8 @@ def main():
         bench_lora(cfg, device, rows)
     if "recipe" in sections:
         bench_recipe(cfg, device, rows)
+    if "rag" in sections:
+        bench_rag(cfg, rows)
     machine = machine_description(device)
     if cfg.json:
         print(json.dumps({"machine": machine, "config": dataclasses.asdict(cfg),

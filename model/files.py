@@ -26,3 +26,34 @@ def atomic_write(path, mode="wb", **open_options):
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+@contextlib.contextmanager
+def atomic_folder(path):
+    """`with atomic_folder(path) as folder: ...` fills a fresh temporary folder beside `path`,
+    which becomes `path` only if the block succeeds. An existing `path` is renamed aside, the
+    new folder renamed in, and only then the old one deleted: a failure at any point leaves
+    either the old folder or the new one under `path`, never a mixture of the two."""
+    import shutil
+
+    path = os.path.abspath(os.fspath(path))
+    directory, name = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
+    temporary = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+    old = os.path.join(directory, f".{name}.old-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    os.makedirs(temporary)
+    try:
+        yield temporary
+        had_old = os.path.exists(path)
+        if had_old:
+            os.replace(path, old)
+        try:
+            os.replace(temporary, path)
+        except BaseException:
+            if had_old:
+                os.replace(old, path)  # put the old folder back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)

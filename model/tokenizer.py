@@ -76,13 +76,20 @@ class Tokenizer:
 class CharTokenizer(Tokenizer):
     kind = "char"
 
-    def __init__(self, chars):
+    def __init__(self, chars, special_tokens=()):
         self.chars = list(chars)
         self.id_of = {ch: i for i, ch in enumerate(self.chars)}
-        self.vocab_size = len(self.chars)
+        # markers a chat template writes (<|im_start|>...): whole tokens after the characters
+        self.special_tokens = list(special_tokens)
+        self.special_id = {name: len(self.chars) + i for i, name in enumerate(self.special_tokens)}
+        self.vocab_size = len(self.chars) + len(self.special_tokens)
         self.eos_id = None
 
     def encode(self, text, allow_special=False):
+        if allow_special and self.special_tokens:
+            pieces = re.split("(" + "|".join(map(re.escape, self.special_tokens)) + ")", text)
+            return [i for n, piece in enumerate(pieces)
+                    for i in ([self.special_id[piece]] if n % 2 else self.encode(piece))]
         try:
             return [self.id_of[ch] for ch in text]
         except KeyError as e:
@@ -92,36 +99,46 @@ class CharTokenizer(Tokenizer):
                 f"({self.vocab_size} characters, taken from the training text)"
             ) from None
 
+    def token_text(self, id):
+        return self.chars[id] if id < len(self.chars) else self.special_tokens[id - len(self.chars)]
+
     def token_bytes(self, id):
         self._check_id(id)
-        return self.chars[id].encode("utf-8", errors="surrogatepass")
+        return self.token_text(id).encode("utf-8", errors="surrogatepass")
 
     def decode(self, ids):
         # Joining characters directly is exact even for text that is not valid UTF-8.
         ids = [int(i) for i in ids]
         for i in ids:
             self._check_id(i)
-        return "".join(self.chars[i] for i in ids)
+        return "".join(self.token_text(i) for i in ids)
 
     def to_dict(self):
-        return {"kind": "char", "chars": self.chars}
+        return {"kind": "char", "chars": self.chars,
+                **({"special_tokens": self.special_tokens} if self.special_tokens else {}),
+                **({"chat_template": self.chat_template} if self.chat_template else {})}
 
 
 class BytePairTokenizer(Tokenizer):
     """A byte-level BPE ("bpe" or "gpt2"): ranks map each token's bytes to its id.
 
     Ids 0..n-1 are the mergeable tokens (every single byte among them) and id n is
-    <|endoftext|>, so vocab_size = n + 1 and the end-of-text token is the last id.
+    <|endoftext|>, so vocab_size = n + 1 and the end-of-text token is the last id. Markers a
+    chat template writes (extra_special_tokens: <|im_start|>...) take the ids after it.
     """
 
-    def __init__(self, kind: str, ranks: dict[bytes, int], pattern: str = GPT2_SPLIT_PATTERN):
+    def __init__(self, kind: str, ranks: dict[bytes, int], pattern: str = GPT2_SPLIT_PATTERN,
+                 extra_special_tokens=()):
         _check_ranks(ranks, f"{kind} tokenizer")
         self.kind = kind
         self.ranks = ranks
         self.pattern = pattern
         self.eos_id = len(ranks)
-        self.vocab_size = len(ranks) + 1
-        self.bytes_of = sorted(ranks, key=ranks.get) + [EOT.encode()]
+        self.special_tokens = {name: len(ranks) + i for i, name in enumerate([EOT, *extra_special_tokens])}
+        if len(self.special_tokens) != 1 + len(extra_special_tokens):
+            raise UserError(f"{kind} tokenizer: special tokens must be distinct")
+        self.vocab_size = len(ranks) + len(self.special_tokens)
+        self.bytes_of = sorted(ranks, key=ranks.get) + [name.encode() for name in self.special_tokens]
         import tiktoken
 
         try:
@@ -129,7 +146,7 @@ class BytePairTokenizer(Tokenizer):
                 name=f"{kind}-{self.vocab_size}",
                 pat_str=pattern,
                 mergeable_ranks=ranks,
-                special_tokens={EOT: self.eos_id},
+                special_tokens=self.special_tokens,
                 explicit_n_vocab=self.vocab_size,
             )
         except ValueError as e:  # e.g. a split pattern the Rust regex engine rejects
@@ -139,7 +156,7 @@ class BytePairTokenizer(Tokenizer):
         # By default "<|endoftext|>" typed by a user is just text (13 characters), so no
         # input can smuggle in a document boundary or crash the encoder.
         if allow_special:
-            return self.encoding.encode(text, allowed_special={EOT})
+            return self.encoding.encode(text, allowed_special="all")
         return self.encoding.encode_ordinary(text)
 
     def encode_batch(self, texts):
@@ -162,7 +179,8 @@ class BytePairTokenizer(Tokenizer):
         # The ranks in tiktoken's own file format, so this text could also be saved as
         # a .tiktoken file and loaded by gpt2_tokenizer(...) or tiktoken itself.
         return {"kind": self.kind, "pattern": self.pattern, "ranks": ranks_to_text(self.ranks),
-                "special_tokens": {EOT: self.eos_id}}
+                "special_tokens": self.special_tokens,
+                **({"chat_template": self.chat_template} if self.chat_template else {})}
 
 class HFTokenizer(Tokenizer):
     """A Hugging Face tokenizer.json, run by the `tokenizers` library (Rust, fast).
@@ -471,25 +489,58 @@ def gpt2_tokenizer(tokenizer_file: str | None = None) -> Tokenizer:
 
 def tokenizer_from_dict(d) -> Tokenizer:
     """Rebuild a tokenizer from `to_dict()` output; anything malformed is a UserError."""
+    tokenizer = _tokenizer_from_dict(d)
+    template = d.get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise UserError("tokenizer data is corrupt: chat_template must be text (a Jinja template)")
+    tokenizer.chat_template = template or None
+    return tokenizer
+
+
+def _tokenizer_from_dict(d):
     kind = d.get("kind") if isinstance(d, dict) else None
     try:
         if kind == "char":
             chars = d["chars"]
             if not chars or not all(isinstance(c, str) and len(c) == 1 for c in chars) or len(set(chars)) != len(chars):
                 raise ValueError("chars must be distinct single characters")
-            return CharTokenizer(chars)
+            special = d.get("special_tokens", [])
+            if not all(isinstance(t, str) and len(t) > 1 for t in special) or len(set(special)) != len(special):
+                raise ValueError("special_tokens must be distinct texts of two or more characters")
+            return CharTokenizer(chars, special)
         if kind in ("bpe", "gpt2"):
             if not isinstance(d["ranks"], str) or not isinstance(d["pattern"], str):
                 raise ValueError("ranks and pattern must be text")
             ranks = ranks_from_text(d["ranks"], f"{kind} tokenizer data")
-            if d.get("special_tokens", {EOT: len(ranks)}) != {EOT: len(ranks)}:
-                raise ValueError(f"expected special tokens {{{EOT!r}: {len(ranks)}}}")
-            return BytePairTokenizer(kind, ranks, d["pattern"])
+            special = d.get("special_tokens", {EOT: len(ranks)})
+            names = sorted(special, key=special.get)
+            if names[:1] != [EOT] or sorted(special.values()) != list(range(len(ranks), len(ranks) + len(special))):
+                raise ValueError(f"expected special tokens {{{EOT!r}: {len(ranks)}, ...}} numbered on from there")
+            return BytePairTokenizer(kind, ranks, d["pattern"], names[1:])
         if kind == "hf":
             return HFTokenizer(d["tokenizer_json"], d.get("bos_id"), d.get("eos_id"), d.get("chat_template"))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"tokenizer data is corrupt: {type(e).__name__}: {e}") from None
     raise UserError(f"tokenizer data is corrupt: unknown kind {kind!r} (expected char, bpe, gpt2 or hf)")
+
+
+def with_special_tokens(tokenizer: Tokenizer, names) -> Tokenizer:
+    """The same tokenizer with `names` (those it lacks) as new special tokens, each one id after
+    the current last id: every existing id keeps its meaning, so a model's embedding only grows.
+    Each kind keeps them where it keeps its own special tokens: after the characters (char),
+    after <|endoftext|> (bpe, gpt2: tiktoken's special tokens), as added tokens (hf)."""
+    d = tokenizer.to_dict()
+    if tokenizer.kind == "char":
+        new = [n for n in names if n not in tokenizer.special_tokens]
+        return tokenizer_from_dict({**d, "special_tokens": tokenizer.special_tokens + new})
+    if tokenizer.kind in ("bpe", "gpt2"):
+        new = {n: tokenizer.vocab_size + i for i, n in enumerate(n for n in names if n not in tokenizer.special_tokens)}
+        return tokenizer_from_dict({**d, "special_tokens": {**tokenizer.special_tokens, **new}})
+    import tokenizers
+
+    hf = tokenizers.Tokenizer.from_str(tokenizer.tokenizer_json)  # a copy: the original stays as it was
+    hf.add_special_tokens([tokenizers.AddedToken(n, special=True, normalized=False) for n in names])
+    return HFTokenizer(hf.to_str(), tokenizer.bos_id, tokenizer.eos_id, tokenizer.chat_template)
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: str):

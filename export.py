@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from model import gpt, lora
-from model.checkpoint import GPT2_SIZES, load_checkpoint, load_model
+from model.checkpoint import is_imported, load_checkpoint, load_model
 from model.cli import field, main_guard, parse_config
 from model.errors import UserError
 from model.files import atomic_write
@@ -170,7 +170,7 @@ def export_peft(checkpoint, folder):
 
 def export_adapter(cfg):
     """--format=peft: the adapter is in the LoRA run's checkpoint; its base is not needed."""
-    imported = cfg.init_from.startswith("hf:") or cfg.init_from in GPT2_SIZES
+    imported = is_imported(cfg.init_from)
     path = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
     checkpoint = {} if imported else load_checkpoint(path, map_location="cpu")
     if "lora" not in checkpoint:

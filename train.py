@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from model import lora
-from model.checkpoint import (GPT2_SIZES, checkpoint_of, load_checkpoint, load_model, lora_base_from_checkpoint,
+from model.checkpoint import (GPT2_SIZES, checkpoint_of, is_imported, load_checkpoint, load_model, lora_base_from_checkpoint,
                               model_from_checkpoint, save_checkpoint)
 from model.cli import field, main_guard, parse_config, pick_dtype, resolve_device
 from model.errors import UserError
@@ -522,7 +522,7 @@ def main():
     checkpoint = None
     if cfg.init_from != "scratch":
         resume = cfg.init_from == "resume"
-        imported = cfg.init_from in GPT2_SIZES or cfg.init_from.startswith("hf:")
+        imported = is_imported(cfg.init_from)
         if imported:
             checkpoint = imported_checkpoint(cfg.init_from)
         else:

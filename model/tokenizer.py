@@ -33,6 +33,10 @@ from model.files import atomic_write
 # become separate chunks, and BPE merges never cross a chunk boundary. (A run of spaces
 # before a word keeps its last space for the word: " foo" is one chunk.)
 GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Llama 3's (and llama.cpp's "llama-bpe"): case-insensitive contractions, a letter run with one
+# leading non-letter, at most 3 digits. run.py keeps its own copy (it imports nothing of ours).
+LLAMA3_SPLIT_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
+                        r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 EOT = "<|endoftext|>"
 
 # GPT-2's ranks in tiktoken's format (sha256 306cd27f...dd930, also shipped as gpt2.tiktoken).

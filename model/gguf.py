@@ -1,0 +1,321 @@
+"""GGUF in and out: the file llama.cpp, ollama and LM Studio keep every model in.
+
+A GGUF file is a header of key/value metadata (the architecture's sizes, the tokenizer's
+vocabulary and merges, the chat template) followed by the tensors, each stored as float32,
+float16 or in blocks of 4 to 8 bits with a scale per block. The `gguf` package, llama.cpp's own
+Python reader and writer, parses it and turns any block type back into numbers
+(gguf.quants.dequantize); this module only says which tensor is which of our parameters, which
+metadata key is which of our config fields, and how the vocabulary becomes a tokenizer.json.
+
+    load_gguf_model(path) -> (our GPT in float32 on the CPU, its tokenizer)
+    save_gguf_model(model, tokenizer, path, quant) writes one that llama.cpp and transformers load
+
+The names are llama.cpp's: token_embd, blk.N.attn_q / attn_k / attn_v (Llama) or attn_qkv
+(GPT-2), attn_output, ffn_gate / ffn_up / ffn_down, attn_norm / ffn_norm, output_norm, output.
+"""
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from model.errors import UserError
+from model.files import atomic_write
+from model.gpt import GPT, GPTConfig
+from model.tokenizer import (GPT2_SPLIT_PATTERN, LLAMA3_SPLIT_PATTERN, HFTokenizer, byte_to_unicode,
+                             tokenizer_json)
+
+ARCHS = ("llama", "gpt2")
+# llama.cpp's token types (tokenizer.ggml.token_type)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+# llama.cpp's pre-tokenizer names (tokenizer.ggml.pre) -> the split rule each stands for, in
+# run.py's names. llama.cpp cuts text by the same regular expressions for each group of names:
+# GPT-2's pattern; every digit alone, then GPT-2's pattern (SmolLM, StarCoder); Llama 3's pattern.
+SPLIT_RULE_OF_PRE = {"gpt-2": "gpt2", "smollm": "digits_gpt2", "starcoder": "digits_gpt2",
+                     "refact": "digits_gpt2", "llama-bpe": "llama3", "llama3": "llama3", "llama-v3": "llama3"}
+# and the name each rule is written under
+PRE_OF_SPLIT_RULE = {"gpt2": "gpt-2", "digits_gpt2": "smollm", "llama3": "llama-bpe"}
+
+
+# ---- reading the file ------------------------------------------------------------------------
+
+def open_gguf(path):
+    """gguf's reader over the file (memory-mapped: tensors are read only when used)."""
+    if not os.path.isfile(path):
+        raise UserError(f"no GGUF file {path}")
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # a wrong magic number, a truncated header or tensor, an unknown type id...
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a readable GGUF file ({reason})") from None
+
+
+REQUIRED = object()
+
+
+def metadata(reader, key, default=REQUIRED):
+    """The value stored under `key` (a number, text, or a list of them)."""
+    field = reader.fields.get(key)
+    if field is None:
+        if default is REQUIRED:
+            raise UserError(f"the GGUF file has no {key} (required for this model)")
+        return default
+    return field.contents()
+
+
+def gguf_config(reader) -> GPTConfig:
+    """Our config from the file's metadata (keys as llama.cpp's converter writes them), refusing
+    what our model would not compute exactly."""
+    arch = metadata(reader, "general.architecture")
+    if arch not in ARCHS:
+        raise UserError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(ARCHS)})")
+    key = lambda name, default=REQUIRED: metadata(reader, f"{arch}.{name}", default)
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise UserError("the GGUF file has no token_embd.weight tensor")
+    # the embedding's rows are the vocabulary (GGUF lists the row length first)
+    vocab_size = int(tensors["token_embd.weight"].shape[1])
+    n_embd, n_head = int(key("embedding_length")), int(key("attention.head_count"))
+    common = dict(vocab_size=vocab_size, block_size=int(key("context_length")), n_layer=int(key("block_count")),
+                  n_head=n_head, n_embd=n_embd, mlp_hidden=int(key("feed_forward_length")),
+                  tie_embeddings="output.weight" not in tensors)
+    try:
+        if arch == "gpt2":
+            return GPTConfig(arch="gpt2", norm_eps=float(key("attention.layer_norm_epsilon")), **common)
+        head_size = int(key("attention.key_length", n_embd // n_head))
+        rope_dims = int(key("rope.dimension_count", head_size))
+        if rope_dims != head_size:
+            raise UserError(f"rotary embeddings on {rope_dims} of {head_size} dimensions per head are not supported")
+        scaling = metadata(reader, "llama.rope.scaling.type", "none")
+        if scaling not in ("none", "") or "rope_freqs.weight" in tensors:
+            raise UserError(f"unsupported rope scaling ({scaling if scaling != 'none' else 'rope_freqs.weight'}): "
+                            "only plain RoPE is read from GGUF files")
+        return GPTConfig(arch="llama", n_kv_head=int(key("attention.head_count_kv", n_head)), head_size=head_size,
+                         norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+                         rope_theta=float(key("rope.freq_base", 10000.0)), **common)
+    except ValueError as e:
+        raise UserError(f"the GGUF metadata does not describe a model we can build: {e}") from None
+
+
+def gguf_names(config: GPTConfig) -> dict:
+    """Each of our parameters -> the GGUF tensor(s) it is made of (Llama's q, k and v are three
+    tensors that we stack into c_attn's rows; GPT-2's are one, attn_qkv, as in our model)."""
+    names = {"wte.weight": ["token_embd.weight"], "ln_f.weight": ["output_norm.weight"]}
+    if config.arch == "gpt2":
+        names["wpe.weight"] = ["position_embd.weight"]
+        names["ln_f.bias"] = ["output_norm.bias"]
+    for i in range(config.n_layer):
+        ours, theirs = f"blocks.{i}.", f"blk.{i}."
+        parts = {"ln_1": "attn_norm", "ln_2": "ffn_norm", "attn.c_proj": "attn_output",
+                 "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+        if config.arch == "gpt2":
+            parts["attn.c_attn"] = "attn_qkv"
+            for layer, name in parts.items():
+                names[ours + layer + ".weight"] = [theirs + name + ".weight"]
+                names[ours + layer + ".bias"] = [theirs + name + ".bias"]
+            continue
+        parts["mlp.c_gate"] = "ffn_gate"
+        for layer, name in parts.items():
+            names[ours + layer + ".weight"] = [theirs + name + ".weight"]
+        names[ours + "attn.c_attn.weight"] = [theirs + f"attn_{p}.weight" for p in "qkv"]
+    if not config.tie_embeddings:
+        names["lm_head.weight"] = ["output.weight"]
+    return names
+
+
+def rotary_rows_from_gguf(rows, n_heads):
+    """Undo llama.cpp's reordering of a query or key matrix's rows, head by head.
+
+    Rotary embeddings turn pairs of a head's dimensions. Hugging Face (and our apply_rope) pair
+    dimension i with i + head_size/2; llama.cpp, like Meta's original Llama code, pairs
+    neighbours 2i and 2i+1. Its converter therefore stores each head's rows in the order
+    0, half, 1, half+1, ...; reading them back to 0, 1, ..., half-1, half, ... gives the same
+    attention with our pairing. In the wrong order every head still works, but on mixed-up
+    pairs: fluent-looking text that is subtly wrong, so the tests compare logits."""
+    head_size = rows.shape[0] // n_heads
+    return rows.reshape(n_heads, head_size // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def rotary_rows_to_gguf(rows, n_heads):
+    """Our query or key rows in llama.cpp's order (the inverse of rotary_rows_from_gguf)."""
+    head_size = rows.shape[0] // n_heads
+    return rows.reshape(n_heads, 2, head_size // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def tensor_numbers(tensor):
+    """One tensor as float32 numbers in (rows, row length) order: gguf dequantizes any block type."""
+    from gguf import GGMLQuantizationType, dequantize
+
+    try:
+        values = dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError:
+        raise UserError(f"tensor {tensor.name} is stored as {tensor.tensor_type.name}, which the gguf package "
+                        "cannot dequantize") from None
+    except Exception as e:  # data cut short by a truncated file, and the like
+        raise UserError(f"cannot read tensor {tensor.name} ({type(e).__name__}: {str(e)[:120]})") from None
+    shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))  # GGUF lists the row length first
+    values = np.asarray(values, dtype=np.float32)
+    if values.size != int(np.prod(shape)):
+        raise UserError(f"tensor {tensor.name} holds {values.size} numbers, not the {int(np.prod(shape))} of its "
+                        f"shape {shape} (a truncated file?)")
+    values = values.reshape(shape)
+    if tensor.tensor_type == GGMLQuantizationType.F32 or not values.flags.writeable:
+        values = values.copy()  # our own memory, not a view of the file
+    return values
+
+
+def load_gguf_model(path: str):
+    """(our GPT in float32 on the CPU, its tokenizer) from a GGUF file. Each tensor is
+    dequantized on its own and copied into the model, so importing needs little more memory than
+    the float32 model itself."""
+    reader = open_gguf(path)
+    config = gguf_config(reader)
+    tokenizer = gguf_tokenizer(reader)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UserError(f"the GGUF vocabulary has {tokenizer.vocab_size} tokens but the embedding only "
+                        f"{config.vocab_size} rows")
+    tensors = {t.name: t for t in reader.tensors}
+    names = gguf_names(config)
+    unknown = sorted(set(tensors) - {name for parts in names.values() for name in parts})
+    if unknown:
+        raise UserError(f"the GGUF file has tensors our {config.arch} model has no place for "
+                        f"({', '.join(unknown[:4])}{', ...' if len(unknown) > 4 else ''})")
+    model = GPT.uninitialised(config)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for ours, theirs in names.items():
+            target, row = params[ours], 0
+            for name in theirs:
+                if name not in tensors:
+                    raise UserError(f"the GGUF file has no tensor {name}")
+                values = tensor_numbers(tensors[name])
+                if name.endswith(("attn_q.weight", "attn_k.weight")):
+                    values = rotary_rows_from_gguf(values, config.n_head if "attn_q" in name else config.n_kv_head)
+                rows = values.shape[0]
+                expected = (rows, *target.shape[1:]) if len(theirs) > 1 else tuple(target.shape)
+                if values.shape != expected or row + rows > target.shape[0]:
+                    raise UserError(f"tensor {name} has shape {values.shape} but the metadata says {expected}")
+                target[row:row + rows].copy_(torch.from_numpy(values))
+                row += rows
+            if row != target.shape[0]:
+                raise UserError(f"tensors {', '.join(theirs)} fill {row} of {ours}'s {target.shape[0]} rows")
+    return model.eval(), tokenizer
+
+
+# ---- the tokenizer ------------------------------------------------------------------------------
+
+def gguf_tokenizer(reader) -> HFTokenizer:
+    """The vocabulary in the metadata as a tokenizer.json, run by the `tokenizers` library."""
+    model = metadata(reader, "tokenizer.ggml.model", None)
+    if model is None:
+        raise UserError("the GGUF file has no tokenizer (tokenizer.ggml.model is missing)")
+    tokens = list(metadata(reader, "tokenizer.ggml.tokens"))
+    types = list(metadata(reader, "tokenizer.ggml.token_type", [NORMAL] * len(tokens)))
+    bos_id, eos_id = (metadata(reader, f"tokenizer.ggml.{name}_token_id", None) for name in ("bos", "eos"))
+    if model == "gpt2":
+        spec = byte_level_bpe_json(tokens, types, list(metadata(reader, "tokenizer.ggml.merges", [])),
+                                   metadata(reader, "tokenizer.ggml.pre", "default"))
+        add_bos_default = False  # llama.cpp's default for byte-level BPE
+    elif model == "llama":
+        spec = sentencepiece_bpe_json(tokens, types, list(metadata(reader, "tokenizer.ggml.scores", [])),
+                                      bool(metadata(reader, "tokenizer.ggml.add_space_prefix", True)))
+        add_bos_default = True  # llama.cpp's default for SentencePiece vocabularies
+    else:
+        raise UserError(f"unsupported GGUF tokenizer {model!r} (supported: gpt2 byte-level BPE, llama SentencePiece)")
+    add_bos = bool(metadata(reader, "tokenizer.ggml.add_bos_token", add_bos_default))
+    add_eos = bool(metadata(reader, "tokenizer.ggml.add_eos_token", False))
+    for name, id in (("bos", bos_id), ("eos", eos_id)):
+        if id is not None and not 0 <= id < len(tokens):
+            raise UserError(f"tokenizer.ggml.{name}_token_id {id} is not one of the {len(tokens)} tokens")
+    added = ([f"{tokens[bos_id]}:0"] if add_bos and bos_id is not None else []) + ["$A:0"] + \
+        ([f"{tokens[eos_id]}:0"] if add_eos and eos_id is not None else [])
+    if len(added) > 1:  # the post-processor puts BOS (and EOS) around every encoded prompt
+        special = {tokens[i]: i for i in (bos_id if add_bos else None, eos_id if add_eos else None) if i is not None}
+        spec["post_processor"] = {"type": "TemplateProcessing",
+                                  "single": [template_piece(p) for p in added],
+                                  "pair": [template_piece(p) for p in added] + [template_piece("$B:1")],
+                                  "special_tokens": {t: {"id": t, "ids": [i], "tokens": [t]} for t, i in special.items()}}
+    chat_template = metadata(reader, "tokenizer.chat_template", None)
+    return HFTokenizer(json.dumps(spec), bos_id, eos_id, chat_template)
+
+
+def template_piece(text):
+    """TemplateProcessing's JSON for one piece: "$A:0" (the text) or "<s>:0" (a special token)."""
+    name, type_id = text.rsplit(":", 1)
+    if name in ("$A", "$B"):
+        return {"Sequence": {"id": name[1], "type_id": int(type_id)}}
+    return {"SpecialToken": {"id": name, "type_id": int(type_id)}}
+
+
+def added_tokens(tokens, types):
+    """Control tokens (<|im_start|>) as special added tokens and user-defined ones as plain added
+    tokens: both are matched whole in the text, as llama.cpp does, never cut into pieces."""
+    return [{"id": i, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": kind == CONTROL}
+            for i, (token, kind) in enumerate(zip(tokens, types)) if kind in (CONTROL, USER_DEFINED)]
+
+
+def byte_level_bpe_json(tokens, types, merges, pre):
+    """tokenizer.json of a byte-level BPE (GPT-2's kind: every byte is a printable character and
+    merges join them), split into chunks first by the rule its pre-tokenizer name stands for."""
+    rule = SPLIT_RULE_OF_PRE.get(pre)
+    if rule is None:
+        raise UserError(f"unsupported GGUF pre-tokenizer {pre!r} (supported: {', '.join(SPLIT_RULE_OF_PRE)})")
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    if rule == "gpt2":
+        pre_tokenizer = byte_level
+    elif rule == "digits_gpt2":
+        pre_tokenizer = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
+    else:
+        pre_tokenizer = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT_PATTERN}, "behavior": "Isolated", "invert": False},
+            {**byte_level, "use_regex": False}]}
+    # a plain token spelled outside the byte alphabet (some converters store raw text) is respelled
+    alphabet, spelling = set(byte_to_unicode().values()), byte_to_unicode()
+    vocab = {}
+    for i, (token, kind) in enumerate(zip(tokens, types)):
+        if kind == NORMAL and not set(token) <= alphabet:
+            token = "".join(spelling[b] for b in token.encode("utf-8"))
+        vocab.setdefault(token, i)
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added_tokens(tokens, types),
+            "normalizer": None, "pre_tokenizer": pre_tokenizer, "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      # Llama 3's tokenizer takes a chunk whole when it is a token itself
+                      "ignore_merges": rule == "llama3",
+                      "vocab": vocab, "merges": [m.split(" ", 1) for m in merges]}}
+
+
+def sentencepiece_bpe_json(tokens, types, scores, add_space_prefix):
+    """tokenizer.json of a SentencePiece BPE vocabulary (Llama 2, TinyLlama): spaces are written
+    '▁', a space is put before the text, and of all adjacent pairs the one whose joined token
+    scores highest merges first; bytes without a token of their own become <0xNN> tokens.
+    Merges ordered by the score of the token they make give exactly that order."""
+    if len(scores) != len(tokens):
+        raise UserError("the GGUF SentencePiece vocabulary has no scores (tokenizer.ggml.scores)")
+    vocab = {}
+    for i, token in enumerate(tokens):
+        vocab.setdefault(token, i)
+    mergeable = {token: i for token, i in vocab.items() if types[i] in (NORMAL, USER_DEFINED)}
+    merges = []
+    for token in sorted(mergeable, key=lambda t: (-scores[vocab[t]], vocab[t])):
+        pairs = [(token[:i], token[i:]) for i in range(1, len(token))
+                 if token[:i] in mergeable and token[i:] in mergeable]
+        merges += sorted(pairs, key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+    unk = next((tokens[i] for i, kind in enumerate(types) if kind == UNKNOWN), None)
+    normalizers = ([{"type": "Prepend", "prepend": "\u2581"}] if add_space_prefix else []) + \
+        [{"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]
+    decoders = [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"}]
+    if add_space_prefix:
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added_tokens(tokens, types),
+            "normalizer": {"type": "Sequence", "normalizers": normalizers}, "pre_tokenizer": None,
+            "post_processor": None, "decoder": {"type": "Sequence", "decoders": decoders},
+            "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                      "vocab": vocab, "merges": [list(pair) for pair in merges]}}

@@ -24,7 +24,7 @@ from model.errors import UserError
 from model.files import atomic_write
 from model.gpt import GPT, GPTConfig
 from model.tokenizer import (GPT2_SPLIT_PATTERN, LLAMA3_SPLIT_PATTERN, HFTokenizer, byte_to_unicode,
-                             tokenizer_json)
+                             split_rule_of, tokenizer_json)
 
 ARCHS = ("llama", "gpt2")
 # llama.cpp's token types (tokenizer.ggml.token_type)
@@ -319,3 +319,148 @@ def sentencepiece_bpe_json(tokens, types, scores, add_space_prefix):
             "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
                       "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
                       "vocab": vocab, "merges": [list(pair) for pair in merges]}}
+
+
+# ---- writing a GGUF file ---------------------------------------------------------------------
+
+QUANTS = ("f32", "f16", "q8_0", "q4_0")
+
+
+def gguf_vocab(tokenizer, vocab_size):
+    """(tokens, token types, merges, pre-tokenizer name, add_bos) of our tokenizer as a GGUF
+    byte-level BPE vocabulary of exactly vocab_size tokens (spare embedding rows become unused
+    [PADn] tokens, as llama.cpp's converter writes them)."""
+    if tokenizer.kind == "char":
+        wide = [ch for ch in tokenizer.chars if len(ch.encode("utf-8")) != 1]
+        if wide:
+            raise UserError(f"this character tokenizer has characters of more than one byte ({wide[0]!r}), which "
+                            "a GGUF byte-level vocabulary cannot hold one token each: prepare the data with "
+                            "--tokenizer=bpe (or gpt2) to export the model as GGUF")
+    spec = tokenizer_json(tokenizer)  # bpe, gpt2 and char kinds as a tokenizer.json too
+    model = spec.get("model") or {}
+    pre_tokenizer = spec.get("pre_tokenizer") or {}
+    if tokenizer.kind in ("bpe", "gpt2"):
+        rule = "gpt2" if tokenizer.pattern == GPT2_SPLIT_PATTERN else None
+    elif tokenizer.kind == "char":
+        rule = "gpt2"  # no merges: every byte, so every character, stays a token of its own
+    else:
+        rule = split_rule_of(pre_tokenizer)
+    if (tokenizer.kind != "char" and model.get("type") != "BPE") or model.get("byte_fallback") or rule is None \
+            or spec.get("normalizer"):
+        raise UserError(f"GGUF export writes byte-level BPE vocabularies split as GPT-2, SmolLM2 or Llama 3 split "
+                        f"text; this tokenizer is a {model.get('type')} model with another pre-tokenizer or a normalizer")
+    if tokenizer.kind == "char":
+        char_of = byte_to_unicode()
+        vocab = {char_of[ord(ch)]: i for i, ch in enumerate(tokenizer.chars)}
+        merges = []
+    else:
+        vocab = model["vocab"]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    tokens, types = [f"[PAD{i}]" for i in range(vocab_size)], [UNUSED] * vocab_size
+    for token, i in vocab.items():
+        if i < vocab_size:
+            tokens[i], types[i] = token, NORMAL
+    for added in spec.get("added_tokens", []):
+        if added["id"] < vocab_size:
+            tokens[added["id"]] = added["content"]
+            types[added["id"]] = CONTROL if added["special"] else USER_DEFINED
+    add_bos = False
+    if tokenizer.kind == "hf":  # a post-processor that puts BOS before every prompt
+        plain, full = tokenizer.encode("a"), tokenizer.encode_prompt("a")
+        add_bos = full != plain
+        if add_bos and full != [tokenizer.bos_id] + plain:
+            raise UserError("GGUF files can say that prompts start with BOS, but this tokenizer adds other tokens")
+    return tokens, types, merges, PRE_OF_SPLIT_RULE[rule], add_bos
+
+
+def check_exportable(model):
+    c = model.config
+    default_activation = "gelu" if c.arch == "gpt2" else "swiglu"
+    if c.qk_norm or c.logit_softcap or c.mlp_activation != default_activation:
+        raise UserError("llama.cpp's gpt2 and llama architectures have no qk_norm, logit_softcap or "
+                        f"{c.mlp_activation} MLP: this model can be exported for run.py (--format=bin), not as gguf")
+    if c.rope_scaling:
+        raise UserError("GGUF export writes plain RoPE; this model's llama3 rope scaling is not supported")
+    if c.arch == "gpt2" and (not c.tie_embeddings or c.n_kv_head != c.n_head or c.head_size * c.n_head != c.n_embd):
+        raise UserError("llama.cpp's gpt2 needs tied embeddings, n_kv_head = n_head and head_size = n_embd / n_head")
+
+
+def gguf_tensors(model):
+    """(GGUF name, float32 numbers) of every tensor, in llama.cpp's names and layouts."""
+    c = model.config
+    state = model.state_dict()
+    for ours, theirs in gguf_names(c).items():
+        values = state[ours].detach().to(torch.float32).cpu().numpy()
+        if ours in ("wte.weight", "lm_head.weight"):
+            values = values[:c.vocab_size]  # padded rows exist only for fast matmuls
+        if len(theirs) == 1:
+            yield theirs[0], values
+            continue
+        q, k, v = np.split(values, [c.n_head * c.head_size, (c.n_head + c.n_kv_head) * c.head_size])
+        # llama.cpp pairs neighbouring dimensions in RoPE: see rotary_rows_from_gguf
+        yield theirs[0], rotary_rows_to_gguf(q, c.n_head)
+        yield theirs[1], rotary_rows_to_gguf(k, c.n_kv_head)
+        yield theirs[2], v
+
+
+def save_gguf_model(model, tokenizer, path, quant="f32"):
+    """Write the model as a GGUF file with the metadata llama.cpp's converter writes. quant: f32,
+    f16 (matrices as float16), q8_0 or q4_0 (matrices in blocks of 32 numbers sharing one scale,
+    8 or 4 bits each); vectors (norms, biases) stay float32, as llama.cpp keeps them."""
+    import gguf
+
+    quant = quant or "f32"
+    if quant not in QUANTS:
+        raise UserError(f"--quant must be one of {', '.join(QUANTS)} for GGUF, not {quant!r}")
+    check_exportable(model)
+    c = model.config
+    if tokenizer.vocab_size > c.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {c.vocab_size}")
+    tokens, types, merges, pre, add_bos = gguf_vocab(tokenizer, c.vocab_size)
+    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+    block_type = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}.get(quant)
+    with atomic_write(path) as f:
+        writer = gguf.GGUFWriter(f.name, c.arch)  # the writer opens the temporary file by name itself
+        writer.add_name(os.path.splitext(os.path.basename(path))[0])
+        writer.add_file_type(file_types[quant])
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_block_count(c.n_layer)
+        writer.add_context_length(c.block_size)
+        writer.add_embedding_length(c.n_embd)
+        writer.add_feed_forward_length(c.mlp_hidden)
+        writer.add_head_count(c.n_head)
+        if c.arch == "gpt2":
+            writer.add_layer_norm_eps(c.norm_eps)
+        else:
+            writer.add_head_count_kv(c.n_kv_head)
+            writer.add_rope_freq_base(c.rope_theta)
+            writer.add_layer_norm_rms_eps(c.norm_eps)
+            writer.add_vocab_size(c.vocab_size)
+            writer.add_rope_dimension_count(c.head_size)
+            writer.add_key_length(c.head_size)
+            writer.add_value_length(c.head_size)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        if merges:
+            writer.add_token_merges(merges)
+        if tokenizer.bos_id is not None:
+            writer.add_bos_token_id(tokenizer.bos_id)
+        if tokenizer.eos_id is not None:
+            writer.add_eos_token_id(tokenizer.eos_id)
+        writer.add_add_bos_token(add_bos)
+        if tokenizer.chat_template:
+            writer.add_chat_template(tokenizer.chat_template)
+        for name, values in gguf_tensors(model):
+            if values.ndim == 1 or quant == "f32":
+                writer.add_tensor(name, values)
+            elif block_type is None or values.shape[-1] % 32:  # rows that are no whole number of blocks
+                writer.add_tensor(name, values.astype(np.float16))
+            else:
+                writer.add_tensor(name, gguf.quants.quantize(values, block_type), raw_dtype=block_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()

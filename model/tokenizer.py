@@ -248,6 +248,24 @@ class HFTokenizer(Tokenizer):
                 "chat_template": self.chat_template}
 
 
+def split_rule_of(pre_tokenizer):
+    """The split rule a tokenizer.json pre_tokenizer applies, by run.py's names (gpt2, digits_gpt2,
+    llama3; a GGUF file names the same rules gpt-2, smollm and llama-bpe), or None for any other."""
+    def byte_level(step, use_regex):
+        return (step.get("type") == "ByteLevel" and not step.get("add_prefix_space")
+                and step.get("use_regex", True) == use_regex)
+
+    steps = pre_tokenizer.get("pretokenizers", []) if pre_tokenizer.get("type") == "Sequence" else [pre_tokenizer]
+    if len(steps) == 1 and byte_level(steps[0], True):  # GPT-2
+        return "gpt2"
+    if len(steps) == 2 and steps[0] == {"type": "Digits", "individual_digits": True} and byte_level(steps[1], True):
+        return "digits_gpt2"  # SmolLM2
+    if (len(steps) == 2 and steps[0].get("type") == "Split" and steps[0].get("pattern") == {"Regex": LLAMA3_SPLIT_PATTERN}
+            and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert") and byte_level(steps[1], False)):
+        return "llama3"
+    return None
+
+
 def byte_to_unicode() -> dict[int, str]:
     """GPT-2's map from each byte to a printable character: the 188 printable Latin-1 bytes
     stand for themselves, the others (controls, space) take the characters from U+0100 on."""

@@ -207,6 +207,11 @@ def load_gguf_model(path: str):
 
 # ---- the tokenizer ------------------------------------------------------------------------------
 
+def load_gguf_tokenizer(path: str) -> HFTokenizer:
+    """A GGUF file's tokenizer alone (data preparation needs no weights)."""
+    return gguf_tokenizer(open_gguf(path))
+
+
 def gguf_tokenizer(reader) -> HFTokenizer:
     """The vocabulary in the metadata as a tokenizer.json, run by the `tokenizers` library."""
     model = metadata(reader, "tokenizer.ggml.model", None)
@@ -331,31 +336,22 @@ def gguf_vocab(tokenizer, vocab_size):
     byte-level BPE vocabulary of exactly vocab_size tokens (spare embedding rows become unused
     [PADn] tokens, as llama.cpp's converter writes them)."""
     if tokenizer.kind == "char":
-        wide = [ch for ch in tokenizer.chars if len(ch.encode("utf-8")) != 1]
-        if wide:
-            raise UserError(f"this character tokenizer has characters of more than one byte ({wide[0]!r}), which "
-                            "a GGUF byte-level vocabulary cannot hold one token each: prepare the data with "
-                            "--tokenizer=bpe (or gpt2) to export the model as GGUF")
-    spec = tokenizer_json(tokenizer)  # bpe, gpt2 and char kinds as a tokenizer.json too
+        # one token per character would need a byte-level vocabulary without merges, but llama.cpp
+        # refuses a file without tokenizer.ggml.merges and the gguf package writes no empty list
+        raise UserError("a character tokenizer cannot be written as a GGUF vocabulary (llama.cpp's byte-level "
+                        "vocabularies need merges, and a character vocabulary has none): prepare the data with "
+                        "--tokenizer=bpe (or gpt2) to export the model as GGUF")
+    spec = tokenizer_json(tokenizer)  # bpe and gpt2 kinds as a tokenizer.json too
     model = spec.get("model") or {}
-    pre_tokenizer = spec.get("pre_tokenizer") or {}
     if tokenizer.kind in ("bpe", "gpt2"):
         rule = "gpt2" if tokenizer.pattern == GPT2_SPLIT_PATTERN else None
-    elif tokenizer.kind == "char":
-        rule = "gpt2"  # no merges: every byte, so every character, stays a token of its own
     else:
-        rule = split_rule_of(pre_tokenizer)
-    if (tokenizer.kind != "char" and model.get("type") != "BPE") or model.get("byte_fallback") or rule is None \
-            or spec.get("normalizer"):
+        rule = split_rule_of(spec.get("pre_tokenizer") or {})
+    if model.get("type") != "BPE" or model.get("byte_fallback") or rule is None or spec.get("normalizer"):
         raise UserError(f"GGUF export writes byte-level BPE vocabularies split as GPT-2, SmolLM2 or Llama 3 split "
                         f"text; this tokenizer is a {model.get('type')} model with another pre-tokenizer or a normalizer")
-    if tokenizer.kind == "char":
-        char_of = byte_to_unicode()
-        vocab = {char_of[ord(ch)]: i for i, ch in enumerate(tokenizer.chars)}
-        merges = []
-    else:
-        vocab = model["vocab"]
-        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    vocab = model["vocab"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     tokens, types = [f"[PAD{i}]" for i in range(vocab_size)], [UNUSED] * vocab_size
     for token, i in vocab.items():
         if i < vocab_size:
@@ -444,8 +440,7 @@ def save_gguf_model(model, tokenizer, path, quant="f32"):
         writer.add_tokenizer_pre(pre)
         writer.add_token_list(tokens)
         writer.add_token_types(types)
-        if merges:
-            writer.add_token_merges(merges)
+        writer.add_token_merges(merges)
         if tokenizer.bos_id is not None:
             writer.add_bos_token_id(tokenizer.bos_id)
         if tokenizer.eos_id is not None:

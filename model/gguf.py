@@ -50,7 +50,7 @@ def open_gguf(path):
         return GGUFReader(path)
     except Exception as e:  # a wrong magic number, a truncated header or tensor, an unknown type id...
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a readable GGUF file ({reason})") from None
+        raise UserError(f"{path} is not a readable GGUF file: damaged, cut short or not GGUF at all ({reason})") from None
 
 
 REQUIRED = object()

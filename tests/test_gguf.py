@@ -345,3 +345,63 @@ def test_bad_gguf_files_are_refused_clearly(files, tmp_path_factory, case, messa
     result = run_script("sample.py", f"--init_from={root / (case + '.gguf')}", "--device=cpu", check=False)
     assert_clean_error(result)
     assert message in result.stderr, result.stderr
+
+
+def test_a_lora_run_on_a_gguf_base_records_its_path_and_hash(files, tmp_path):
+    """data/prepare.py --tokenizer=FILE.gguf, train.py --init_from=FILE.gguf --lora_rank, then
+    sample.py on the run: the adapter names its base file and the SHA-256 of its weights."""
+    base = files["root"] / "llama-q8_0.gguf"
+    (tmp_path / "notes.txt").write_text("".join(f"note {i}: buy milk, call bob.\n" for i in range(200)))
+    prepared = run_script("data/prepare.py", "notes", f"--input={tmp_path / 'notes.txt'}", f"--tokenizer={base}",
+                          f"--data_root={tmp_path / 'data'}")
+    assert f"the tokenizer of {base}" in prepared.stderr
+    out = tmp_path / "out"
+    run_script("train.py", f"--init_from={base}", "--lora_rank=4", "--dataset=notes", f"--data_root={tmp_path / 'data'}",
+               f"--out_dir={out}", "--block_size=32", "--batch_size=4", "--max_iters=3", "--eval_interval=3",
+               "--eval_iters=1", "--sample_tokens=0", "--plot=false", "--device=cpu")
+    settings = torch.load(out / "ckpt.pt", weights_only=True)["lora"]
+    model, _ = load_gguf_model(str(base))
+    from model.lora import weights_sha256
+
+    assert settings["base"] == str(base) and settings["base_sha256"] == weights_sha256(model)
+    run_script("sample.py", f"--out_dir={out}", "--prompt=note 7", "--max_new_tokens=4", "--device=cpu")
+
+
+def test_a_sentencepiece_vocabulary_encodes_as_sentencepiece_does(tmp_path):
+    """tokenizer.ggml.model = llama (Llama 2, TinyLlama): written as llama.cpp's converter writes a
+    tokenizer.model's pieces, scores and types; our ids equal the sentencepiece library's own."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece")
+    model_file = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT.splitlines()), model_writer=model_file,
+                                   vocab_size=400, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, split_digits=True, minloglevel=2,
+                                   allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+                                   normalization_rule_name="identity")
+    reference = spm.SentencePieceProcessor(model_proto=model_file.getvalue())
+    ids = range(reference.vocab_size())
+    writer = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([reference.IdToPiece(i) for i in ids])
+    writer.add_token_scores([reference.GetScore(i) for i in ids])
+    writer.add_token_types([gguf.TokenType.UNKNOWN if reference.IsUnknown(i) else gguf.TokenType.CONTROL
+                            if reference.IsControl(i) else gguf.TokenType.BYTE if reference.IsByte(i)
+                            else gguf.TokenType.NORMAL for i in ids])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_space_prefix(True)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))  # the tokenizer is read alone
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    from model.gguf import load_gguf_tokenizer
+
+    ours = load_gguf_tokenizer(str(tmp_path / "spm.gguf"))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="spm.gguf")
+    for text in (TEXT[:600], CHECK.replace("<|im_start|>", "").replace("<|im_end|>", ""), "  two spaces first"):
+        assert ours.encode_prompt(text) == [1] + reference.encode(text)  # BOS first: llama.cpp's default
+        assert ours.decode(ours.encode(text)) == text
+        if not text.startswith(" "):  # transformers' GGUF tokenizer drops a leading space's own piece
+            assert ours.encode_prompt(text) == theirs(text)["input_ids"]

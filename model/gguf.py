@@ -14,6 +14,7 @@ The names are llama.cpp's: token_embd, blk.N.attn_q / attn_k / attn_v (Llama) or
 (GPT-2), attn_output, ffn_gate / ffn_up / ffn_down, attn_norm / ffn_norm, output_norm, output.
 """
 
+import collections
 import json
 import os
 
@@ -145,32 +146,45 @@ def rotary_rows_to_gguf(rows, n_heads):
     return rows.reshape(n_heads, 2, head_size // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def tensor_numbers(tensor):
-    """One tensor as float32 numbers in (rows, row length) order: gguf dequantizes any block type."""
-    from gguf import GGMLQuantizationType, dequantize
+NUMBERS_PER_READ = 1 << 22  # a big tensor is read in slices of rows, about 16 MB of float32 each
 
+
+TensorPlace = collections.namedtuple("TensorPlace", "name tensor_type shape data_offset n_bytes")
+
+
+def tensor_shape(tensor):
+    """(rows, row length) of a GGUF tensor (GGUF lists the row length first); a vector is one row."""
+    dims = [int(n) for n in tensor.shape]
+    return int(np.prod(dims[1:])), dims[0]
+
+
+def tensor_rows(tensor, file, start, count):
+    """Rows start..start+count of a tensor as float32 numbers, shape (count, row length).
+
+    The bytes are read from the file, not through the reader's memory map: pages read through a
+    map stay counted in the process's memory until it is closed, which would double the import's
+    peak. gguf dequantizes any block type; a row always holds whole blocks."""
+    from gguf import dequantize
+
+    rows, row_length = tensor_shape(tensor)
+    row_bytes = int(tensor.n_bytes) // rows
+    file.seek(int(tensor.data_offset) + start * row_bytes)
+    data = bytearray(count * row_bytes)  # writable, so torch can take float32 rows as they are
+    if file.readinto(data) != len(data):
+        raise UserError(f"tensor {tensor.name} is cut short: the file ends inside it (a truncated download?)")
+    raw = np.frombuffer(data, dtype=np.uint8).reshape(count, row_bytes)
     try:
-        values = dequantize(tensor.data, tensor.tensor_type)
+        values = dequantize(raw, tensor.tensor_type)
     except NotImplementedError:
         raise UserError(f"tensor {tensor.name} is stored as {tensor.tensor_type.name}, which the gguf package "
                         "cannot dequantize") from None
-    except Exception as e:  # data cut short by a truncated file, and the like
-        raise UserError(f"cannot read tensor {tensor.name} ({type(e).__name__}: {str(e)[:120]})") from None
-    shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))  # GGUF lists the row length first
-    values = np.asarray(values, dtype=np.float32)
-    if values.size != int(np.prod(shape)):
-        raise UserError(f"tensor {tensor.name} holds {values.size} numbers, not the {int(np.prod(shape))} of its "
-                        f"shape {shape} (a truncated file?)")
-    values = values.reshape(shape)
-    if tensor.tensor_type == GGMLQuantizationType.F32 or not values.flags.writeable:
-        values = values.copy()  # our own memory, not a view of the file
-    return values
+    return np.asarray(values, dtype=np.float32).reshape(count, row_length)
 
 
 def load_gguf_model(path: str):
     """(our GPT in float32 on the CPU, its tokenizer) from a GGUF file. Each tensor is
-    dequantized on its own and copied into the model, so importing needs little more memory than
-    the float32 model itself."""
+    dequantized on its own, a slice of rows at a time, straight into a model built without
+    memory first, so importing needs little more memory than the float32 model itself."""
     reader = open_gguf(path)
     config = gguf_config(reader)
     tokenizer = gguf_tokenizer(reader)
@@ -179,29 +193,42 @@ def load_gguf_model(path: str):
                         f"{config.vocab_size} rows")
     tensors = {t.name: t for t in reader.tensors}
     names = gguf_names(config)
+    # the reader's parsed metadata (a numpy array for every one of ~100,000 vocabulary strings) is
+    # let go before the model takes its memory: only each tensor's place in the file is kept
+    tensors = {name: TensorPlace(name, t.tensor_type, t.shape.tolist(), int(t.data_offset), int(t.n_bytes))
+               for name, t in tensors.items()}
+    del reader
     unknown = sorted(set(tensors) - {name for parts in names.values() for name in parts})
     if unknown:
         raise UserError(f"the GGUF file has tensors our {config.arch} model has no place for "
                         f"({', '.join(unknown[:4])}{', ...' if len(unknown) > 4 else ''})")
     model = GPT.uninitialised(config)
     params = dict(model.named_parameters())
-    with torch.no_grad():
+    with open(path, "rb") as file, torch.no_grad():
         for ours, theirs in names.items():
-            target, row = params[ours], 0
+            target = params[ours]
+            rows_of = target.view(-1, target.shape[-1])  # a vector as one row, as GGUF stores it
+            row = 0
             for name in theirs:
                 if name not in tensors:
                     raise UserError(f"the GGUF file has no tensor {name}")
-                values = tensor_numbers(tensors[name])
-                if name.endswith(("attn_q.weight", "attn_k.weight")):
-                    values = rotary_rows_from_gguf(values, config.n_head if "attn_q" in name else config.n_kv_head)
-                rows = values.shape[0]
-                expected = (rows, *target.shape[1:]) if len(theirs) > 1 else tuple(target.shape)
-                if values.shape != expected or row + rows > target.shape[0]:
-                    raise UserError(f"tensor {name} has shape {values.shape} but the metadata says {expected}")
-                target[row:row + rows].copy_(torch.from_numpy(values))
+                rows, row_length = tensor_shape(tensors[name])
+                if row_length != rows_of.shape[1] or row + rows > rows_of.shape[0]:
+                    raise UserError(f"tensor {name} has {rows} rows of {row_length} numbers, which does not fit "
+                                    f"{ours} of shape {tuple(target.shape)} that the metadata describes")
+                if name.endswith(("attn_q.weight", "attn_k.weight")):  # whole heads at once
+                    heads = config.n_head if "attn_q" in name else config.n_kv_head
+                    values = rotary_rows_from_gguf(tensor_rows(tensors[name], file, 0, rows), heads)
+                    rows_of[row:row + rows].copy_(torch.from_numpy(values))
+                else:
+                    step = max(1, NUMBERS_PER_READ // row_length)
+                    for start in range(0, rows, step):
+                        count = min(step, rows - start)
+                        values = tensor_rows(tensors[name], file, start, count)
+                        rows_of[row + start:row + start + count].copy_(torch.from_numpy(values))
                 row += rows
-            if row != target.shape[0]:
-                raise UserError(f"tensors {', '.join(theirs)} fill {row} of {ours}'s {target.shape[0]} rows")
+            if row != rows_of.shape[0]:
+                raise UserError(f"tensors {', '.join(theirs)} fill {row} of {ours}'s {rows_of.shape[0]} rows")
     return model.eval(), tokenizer
 
 

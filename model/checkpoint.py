@@ -105,9 +105,9 @@ def load_model(init_from, out_dir, device="cpu", dtype=None):
     init_from: "resume" (out_dir/ckpt.pt, or out_dir itself when it is a file), a path to a
     ckpt.pt, gpt2 | gpt2-medium | gpt2-large | gpt2-xl (OpenAI's weights on the Hugging Face
     hub), hf:<local folder> | hf:<owner/name>, or the path of a .gguf file (llama.cpp's format).
-    `source` describes where the model came from,
-    for messages and JSON: {"init_from", "step" (None for an imported model), "path",
-    "sample_prompt" (what its training run sampled from; None for an imported model)}."""
+    `source` describes where the model came from, for messages and JSON: {"init_from", "step"
+    (None for an imported model), "path", "sample_prompt" (what its training run sampled from;
+    None for an imported model)}."""
     if init_from in GPT2_SIZES:
         init_from = f"hf:{init_from}"
     if init_from.startswith("hf:"):

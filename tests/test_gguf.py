@@ -302,6 +302,11 @@ def test_import_then_export_gives_the_same_tensors(files, tmp_path):
             for name, tensor in before.items():
                 assert after[name].tensor_type == tensor.tensor_type, name
                 assert np.asarray(after[name].data).tobytes() == np.asarray(tensor.data).tobytes(), name
+            if quant == "f32":  # an imported model (hf tokenizer) written back loads in transformers too
+                theirs = transformers_gguf(tmp_path, "again.gguf")
+                assert (logits(model, IDS) - logits(theirs, IDS)).abs().max().item() < 1e-4
+                their_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="again.gguf")
+                assert tokenizer.encode(CHECK, allow_special=True) == their_tokenizer(CHECK)["input_ids"]
 
 
 def test_recipe_options_are_refused_for_gguf(tmp_path):

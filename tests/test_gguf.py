@@ -8,6 +8,7 @@ metadata keys, blocks of several quantization types), so no file is downloaded.
 import json
 import os
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -18,7 +19,6 @@ from model.gguf import load_gguf_model, save_gguf_model
 from model.gpt import GPT, GPTConfig
 from model.tokenizer import char_tokenizer_from_text, train_bpe
 
-gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
@@ -377,7 +377,7 @@ def test_a_sentencepiece_vocabulary_encodes_as_sentencepiece_does(tmp_path):
     tokenizer.model's pieces, scores and types; our ids equal the sentencepiece library's own."""
     import io
 
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
     model_file = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT.splitlines()), model_writer=model_file,
                                    vocab_size=400, model_type="bpe", byte_fallback=True, character_coverage=1.0,

@@ -410,3 +410,11 @@ def test_a_sentencepiece_vocabulary_encodes_as_sentencepiece_does(tmp_path):
         assert ours.decode(ours.encode(text)) == text
         if not text.startswith(" "):  # transformers' GGUF tokenizer drops a leading space's own piece
             assert ours.encode_prompt(text) == theirs(text)["input_ids"]
+
+
+def test_run_py_and_the_package_share_one_llama3_split_pattern():
+    """run.py imports nothing of ours, so it keeps its own copy: the two must stay equal."""
+    import run
+    from model.tokenizer import LLAMA3_SPLIT_PATTERN
+
+    assert run.LLAMA3_SPLIT_PATTERN == LLAMA3_SPLIT_PATTERN

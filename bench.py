@@ -2,7 +2,8 @@
 
     python bench.py                       # everything, printed as one table
     python bench.py --json                # the same figures as JSON
-    python bench.py --sections=generate   # only some: train, generate, runpy, tokenizer, hf, lora, recipe, rag
+    python bench.py --sections=generate   # only some: train, generate, runpy, tokenizer, hf, gguf, lora, recipe, rag
+    python bench.py --sections=gguf --gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf   # ...and a real GGUF file
     python bench.py --train_config=configs/gpt2_124m.toml --compile_too   # a GPU training figure
 
 What it measures:
@@ -16,6 +17,9 @@ What it measures:
   hf         imported GPT-2 shapes (random weights saved by transformers, no download): import
              time and peak memory for 124M and 350M, and greedy generation of the 124M model
              here against transformers' own generate on the same weights
+  gguf       GGUF import (--init_from=FILE.gguf): time and peak memory of a SmolLM2-135M-shaped
+             model (random weights) written here as f32, q8_0 and q4_0, each read in a fresh process,
+             and of --gguf_file when given (a real file: its 49,152-token vocabulary is parsed too)
   lora       full fine-tuning against LoRA (r=8 on q,v) on the same base: step time and peak
              memory of a GPT-2-124M-shaped model (random weights, each in its own process),
              checkpoint sizes, and the val loss on a fine-tuning set (the standard library's
@@ -50,8 +54,8 @@ from model.checkpoint import checkpoint_of, save_checkpoint
 from model.gpt import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-USAGE = "usage: python bench.py [--sections=train,generate,runpy,tokenizer,hf,lora,recipe,rag] [--json] [--field=value ...]"
-SECTIONS = ("train", "generate", "runpy", "tokenizer", "hf", "lora", "recipe", "rag")
+USAGE = "usage: python bench.py [--sections=train,generate,runpy,tokenizer,hf,gguf,lora,recipe,rag] [--json] [--field=value ...]"
+SECTIONS = ("train", "generate", "runpy", "tokenizer", "hf", "gguf", "lora", "recipe", "rag")
 
 # The training shapes of the CPU benchmark: the Shakespeare CPU recipe's model, and the
 # well-known GPU recipe's model at a short batch.
@@ -63,7 +67,7 @@ TRAIN_SHAPES = {
 
 @dataclass
 class BenchConfig:
-    sections: str = field("train,generate,runpy,tokenizer", "comma-separated sections to run (also: hf, lora, recipe, rag)")
+    sections: str = field("train,generate,runpy,tokenizer", "comma-separated sections to run (also: hf, gguf, lora, recipe, rag)")
     device: str = field("auto", "auto | cpu | cuda | mps")
     repeats: int = field(3, "timed repeats per figure (the median is reported)")
     train_steps: int = field(40, "training steps per measurement (the first 10 are warm-up)")
@@ -72,6 +76,7 @@ class BenchConfig:
     data_root: str = field("data", "folder holding prepared data sets")
     compile_too: bool = field(False, "also measure training under torch.compile")
     new_tokens: int = field(500, "tokens generated per repeat at context 256 (context 1024 uses a fifth)")
+    gguf_file: str = field("", "gguf: also measure importing this .gguf file")
     lora_steps: int = field(3, "lora: timed training steps of the 124M-shaped model per way (after one warm-up)")
     lora_seconds: float = field(60.0, "lora: wall time each way fine-tunes the small model for")
     lora_base: str = field("", "lora: the small base checkpoint (trained on pystdlib; '' = train one for 300 steps)")
@@ -284,6 +289,39 @@ def bench_hf(cfg, device, rows):
             speeds[who] = new_tokens / median_time(whole, cfg.repeats)
             rows.append(("GPT-2 124M greedy generation", f"{who}, {new_tokens} new tokens", speeds[who], "tok/s"))
         rows.append(("generation here vs transformers", "GPT-2 124M", speeds["here"] / speeds["transformers"], "x"))
+
+# SmolLM2-135M's shape (the real model this repository's GGUF figures use)
+GGUF_SHAPE = dict(arch="llama", vocab_size=49152, block_size=8192, n_layer=30, n_head=9, n_kv_head=3, n_embd=576,
+                  mlp_hidden=1536, norm_eps=1e-5, rope_theta=100000.0)
+GGUF_PROBE = IMPORT_PROBE.replace("from model.hf import load_hf_model", "from model.gguf import load_gguf_model") \
+    .replace("load_hf_model(sys.argv[1])", "load_gguf_model(sys.argv[1])")
+
+
+def bench_gguf(cfg, rows):
+    """GGUF import: each file read in a fresh process, so its peak memory is the import's."""
+    from model.gguf import save_gguf_model
+    from model.tokenizer import BytePairTokenizer
+
+    def measure(path, setting):
+        probe = json.loads(run_command([sys.executable, "-c", GGUF_PROBE, path], "gguf import").stdout)
+        rows.append(("import (.gguf)", setting, probe["seconds"], "s"))
+        rows.append(("import peak memory", f"{setting} ({probe['float32_mb']:,.0f} MiB float32)",
+                     probe["peak_rss_mb"], "MiB"))
+        rows.append(("import memory / model size", f"{setting}, peak minus the process before",
+                     (probe["peak_rss_mb"] - probe["before_mb"]) / probe["float32_mb"], "x"))
+
+    with tempfile.TemporaryDirectory() as directory:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**GGUF_SHAPE))
+        tokenizer = BytePairTokenizer("bpe", {bytes([i]): i for i in range(256)})  # the tokenizer plays no part
+        for quant in ("f32", "q8_0", "q4_0"):
+            path = os.path.join(directory, f"{quant}.gguf")
+            save_gguf_model(model, tokenizer, path, quant)
+            measure(path, f"SmolLM2-135M shape, {quant} ({os.path.getsize(path) / 2**20:,.0f} MiB file)")
+        del model
+    if cfg.gguf_file:
+        measure(cfg.gguf_file, f"{os.path.basename(cfg.gguf_file)} ({os.path.getsize(cfg.gguf_file) / 2**20:,.0f} MiB)")
+
 
 # ---- full fine-tuning against LoRA -------------------------------------------------------------
 
@@ -564,6 +602,8 @@ def main():
         bench_bpe(cfg, rows)
     if "hf" in sections:
         bench_hf(cfg, device, rows)
+    if "gguf" in sections:
+        bench_gguf(cfg, rows)
     if "lora" in sections:
         bench_lora(cfg, device, rows)
     if "recipe" in sections:

@@ -46,6 +46,8 @@ class ExplainConfig(SamplingOptions):  # temperature, top_k, top_p and seed are 
     head: int = field(-1, "with --attention: draw only this head (0-based; -1 = every head)")
     neighbors: str = field("", "show the tokens whose input embeddings are closest to this text's tokens")
     logit_lens: bool = field(False, "show what the model would predict if it stopped after each layer")
+    lens_positions: str = field("last", "with --logit_lens: the positions printed, one row per layer each: last | all "
+                                "| a list such as 0,3,-1 (--json holds every position)")
     compare_base: bool = field(False, "a LoRA run: the base's and the adapted model's predictions side by side")
     json: bool = field(False, "print everything as one JSON document on stdout instead of tables")
 
@@ -452,23 +454,44 @@ def print_neighbors(neighbors):
         print(f"  {show(item['token']['text'])}({item['token']['id']}): {close}")
 
 
-def print_logit_lens(lens):
-    positions = lens["positions"]
-    width = min(10, max(len(show(c["text"])) for p in positions for layer in p["layers"] for c in layer))
-    token_width = max(5, min(10, max(len(show(p["token"]["text"])) for p in positions)))
-    names_width = max(len(name) for name in lens["layers"]) + len(" = output")
-    cell = max(3 * width + 9, names_width + 2)
+def chosen_positions(spec, count):
+    """--lens_positions as position numbers: last, all, or a list (negative numbers count from the end)."""
+    if spec == "last":
+        return [count - 1]
+    if spec == "all":
+        return list(range(count))
+    try:
+        chosen = [int(part) for part in spec.split(",")]
+    except ValueError:
+        raise UserError(f"--lens_positions must be last, all or numbers such as 0,3,-1, not {spec!r}") from None
+    for t in chosen:
+        if not -count <= t < count:
+            raise UserError(f"--lens_positions: position {t} is outside the prompt's {count} tokens")
+    return [t % count for t in chosen]
+
+
+def print_logit_lens(lens, positions_spec):
+    """One small table per chosen position, a row per layer: readable however deep the model is."""
     names = [name if i < len(lens["layers"]) - 1 else name + " = output" for i, name in enumerate(lens["layers"])]
-    print("\nlogit lens: the top 3 next tokens if the model stopped after each layer (top-1 probability first):")
-    print(f"{'pos':>4}  {'token':<{token_width}}  " + "".join(f"{name:<{cell}}" for name in names) + "actual next")
-    for p in positions:
-        cells = ""
-        for layer in p["layers"]:
-            text = " ".join([show(layer[0]["text"], width), f"{layer[0]['prob']:.2f}",
-                             *(show(c["text"], width) for c in layer[1:])])
-            cells += f"{text:<{cell}}"
-        nxt = show(p["next"]["text"], width) if p["next"] else ""
-        print(f"{p['position']:>4}  {show(p['token']['text'], token_width):<{token_width}}  {cells}{nxt}".rstrip())
+    names_width = max(len(name) for name in names)
+    print("\nlogit lens: the top 3 next tokens if the model stopped after each layer:")
+    for t in chosen_positions(positions_spec, len(lens["positions"])):
+        p = lens["positions"][t]
+        width = min(12, max(len(show(c["text"])) for layer in p["layers"] for c in layer))
+        nxt = f", actual next {show(p['next']['text'])}" if p["next"] else ""
+        print(f"position {t}, after {show(p['token']['text'])}{nxt}:")
+        for name, layer in zip(names, p["layers"]):
+            cells = "  ".join(f"{show(c['text'], width):<{width}} {prob_text(c['prob']):>7}" for c in layer)
+            print(f"  {name:<{names_width}}  {cells}")
+        # from which layer on the final answer leads: where the model "knows" it
+        top_ids = [layer[0]["id"] for layer in p["layers"]]
+        since = len(top_ids) - 1
+        while since > 0 and top_ids[since - 1] == top_ids[-1]:
+            since -= 1
+        answer = p["layers"][-1][0]
+        entered = next(i for i, layer in enumerate(p["layers"]) if answer["id"] in [c["id"] for c in layer])
+        print(f"  {show(answer['text'])} is first in the top 3 at {lens['layers'][entered]}, and the top token "
+              f"from {lens['layers'][since]} on")
 
 
 # ---- putting it together --------------------------------------------------------------------
@@ -479,6 +502,8 @@ def check_config(cfg):
         raise UserError(f"--top must be at least 1, got {cfg.top}")
     if cfg.generate < 0:
         raise UserError(f"--generate must be 0 or more, got {cfg.generate}")
+    if cfg.lens_positions != "last" and not cfg.logit_lens:
+        raise UserError("--lens_positions chooses what --logit_lens prints: add --logit_lens")
     if (cfg.layer != -1 or cfg.head != -1) and not cfg.attention:
         raise UserError("--layer and --head choose what --attention draws: add --attention=PATH.png")
     if cfg.attention:
@@ -522,6 +547,8 @@ def explain(cfg):
         ids = ids[cropped:]  # the model sees at most block_size tokens: keep the last ones
         doc["prompt"] = {"tokens": len(ids), "cropped": cropped}
         doc["tokens"] = [{"position": i, **token_info(tokenizer, t)} for i, t in enumerate(ids)]
+        if cfg.logit_lens:
+            chosen_positions(cfg.lens_positions, len(ids))  # a bad choice is refused before the model runs
         logits, weights, residuals = forward_with_internals(model, ids, attention=bool(cfg.attention),
                                                             residuals=cfg.logit_lens)
         doc["positions"], doc["summary"] = explain_prompt(logits, ids, tokenizer, cfg.top)
@@ -576,7 +603,7 @@ def print_tables(doc, cfg):
     if "attention" in doc:
         print_attention(doc["attention"], doc["tokens"])
     if "logit_lens" in doc:
-        print_logit_lens(doc["logit_lens"])
+        print_logit_lens(doc["logit_lens"], cfg.lens_positions)
     if "neighbors" in doc:
         print_neighbors(doc["neighbors"])
 

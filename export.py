@@ -1,10 +1,11 @@
 """Export a checkpoint as one flat file of numbers that run.py (numpy alone) can run,
-or as a Hugging Face model folder that transformers loads.
+as a Hugging Face model folder that transformers loads, or as a GGUF file for llama.cpp and ollama.
 
     python export.py --out_dir=out                 # out/ckpt.pt -> out/model.bin
     python run.py out/model.bin --prompt="def "    # no torch needed from here on
     python export.py --out_dir=out --format=hf --output=my-model   # AutoModelForCausalLM.from_pretrained("my-model")
     python export.py --out_dir=out-lora --format=peft --output=adapter   # a LoRA run's adapter for peft
+    python export.py --out_dir=out --format=gguf --output=out/model.gguf --quant=q8_0   # llama.cpp, ollama
 
 A LoRA run's out_dir exports the merged model (its base with the adapter added in), or with
 --format=peft the adapter alone.
@@ -25,17 +26,17 @@ from dataclasses import dataclass
 import torch
 
 from model import gpt, lora
-from model.checkpoint import GPT2_SIZES, load_checkpoint, load_model
+from model.checkpoint import is_imported, load_checkpoint, load_model
 from model.cli import field, main_guard, parse_config
 from model.errors import UserError
 from model.files import atomic_write
-from model.tokenizer import GPT2_SPLIT_PATTERN
+from model.tokenizer import GPT2_SPLIT_PATTERN, split_rule_of
 # run.py must stay standalone (numpy alone), so the file layout's one home is run.py, its reader:
 # this writer imports it from there and the two can never disagree.
-from run import ACTIVATIONS, ARCHS, HEADER, LLAMA3_SPLIT_PATTERN, MAGIC, TOKENIZER_KINDS, VERSION, Config, Tokenizer, weight_layout
+from run import ACTIVATIONS, ARCHS, HEADER, MAGIC, TOKENIZER_KINDS, VERSION, Config, Tokenizer, weight_layout
 
-USAGE = "usage: python export.py [--out_dir=out] [--init_from=resume] [--format=bin|hf|peft] [--output=out/model.bin]"
-FORMATS = ("bin", "hf", "peft")
+USAGE = "usage: python export.py [--out_dir=out] [--init_from=resume] [--format=bin|hf|peft|gguf] [--output=out/model.bin] [--quant=q8_0]"
+FORMATS = ("bin", "hf", "peft", "gguf")
 # Text that exercises every part of the split rules: run.py's encoder must give it the tokenizer's ids.
 CHECK_TEXT = ("Hello, world! It's 2024: don't WE'LL 12345 3.14 x²  \t tabs\n\n\r\n  spaces   end\n"
               "café naïve Ωmega 日本語の文章 😀👍 १२३ ١٢٣ <b>a+=1;</b> $(pwd) 'quoted' \u3000ideo\u00a0nbsp ")
@@ -44,10 +45,13 @@ CHECK_TEXT = ("Hello, world! It's 2024: don't WE'LL 12345 3.14 x²  \t tabs\n\n\
 @dataclass
 class ExportConfig:
     out_dir: str = field("out", "folder with ckpt.pt (or the path of a checkpoint file)")
-    init_from: str = field("resume", "resume (the checkpoint in --out_dir) | path/to/ckpt.pt | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | hf:<folder or owner/name>")
+    init_from: str = field("resume", "resume (the checkpoint in --out_dir) | path/to/ckpt.pt | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | hf:<folder or owner/name> | path/to/model.gguf")
     format: str = field("bin", "bin (one file for run.py) | hf (a folder for transformers' from_pretrained) | "
-                        "peft (a LoRA run's adapter alone, for the peft library)")
-    output: str = field("", "file (bin) or folder (hf, peft) to write ('' = model.bin, hf/ or adapter/ next to the checkpoint)")
+                        "peft (a LoRA run's adapter alone, for the peft library) | gguf (one file for llama.cpp and ollama)")
+    output: str = field("", "file (bin, gguf) or folder (hf, peft) to write ('' = model.bin, hf/, adapter/ or "
+                        "model.gguf next to the checkpoint)")
+    quant: str = field("", "how the weights are stored: '' = float32; for gguf f32 | f16 | q8_0 | q4_0 (blocks of 32 "
+                       "numbers sharing one scale, 8 or 4 bits each)")
 
 
 def length_prefixed(data: bytes) -> bytes:
@@ -59,23 +63,6 @@ def file_config(model):
     c = model.config
     return Config(c.arch, c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_kv_head, c.n_embd, c.head_size,
                   c.mlp_hidden, c.tie_embeddings, c.mlp_activation, c.qk_norm, c.norm_eps, c.logit_softcap)
-
-
-def split_rule_of(pre_tokenizer):
-    """run.py's name for a tokenizer.json pre_tokenizer, or None when run.py has no such rule."""
-    def byte_level(step, use_regex):
-        return (step.get("type") == "ByteLevel" and not step.get("add_prefix_space")
-                and step.get("use_regex", True) == use_regex)
-
-    steps = pre_tokenizer.get("pretokenizers", []) if pre_tokenizer.get("type") == "Sequence" else [pre_tokenizer]
-    if len(steps) == 1 and byte_level(steps[0], True):  # GPT-2
-        return "gpt2"
-    if len(steps) == 2 and steps[0] == {"type": "Digits", "individual_digits": True} and byte_level(steps[1], True):
-        return "digits_gpt2"  # SmolLM2
-    if (len(steps) == 2 and steps[0].get("type") == "Split" and steps[0].get("pattern") == {"Regex": LLAMA3_SPLIT_PATTERN}
-            and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert") and byte_level(steps[1], False)):
-        return "llama3"
-    return None
 
 
 def hf_tokenizer_for_run(tokenizer):
@@ -170,7 +157,7 @@ def export_peft(checkpoint, folder):
 
 def export_adapter(cfg):
     """--format=peft: the adapter is in the LoRA run's checkpoint; its base is not needed."""
-    imported = cfg.init_from.startswith("hf:") or cfg.init_from in GPT2_SIZES
+    imported = is_imported(cfg.init_from)
     path = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
     checkpoint = {} if imported else load_checkpoint(path, map_location="cpu")
     if "lora" not in checkpoint:
@@ -191,6 +178,8 @@ def main():
     cfg = parse_config(ExportConfig, sys.argv[1:], USAGE)
     if cfg.format not in FORMATS:
         raise UserError(f"--format must be {', '.join(FORMATS[:-1])} or {FORMATS[-1]}, not {cfg.format!r}")
+    if cfg.quant and cfg.format != "gguf":
+        raise UserError(f"--quant is for --format=gguf; --format={cfg.format} writes float32")
     if cfg.format == "peft":
         export_adapter(cfg)
         return
@@ -208,6 +197,20 @@ def main():
               f"parameters), tokenizer.json")
         print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({output!r}), "
               f"AutoTokenizer.from_pretrained({output!r})")
+        return
+    if cfg.format == "gguf":
+        from model.gguf import save_gguf_model
+
+        output = cfg.output or os.path.join(checkpoint_dir, "model.gguf")
+        if os.path.isdir(output):
+            raise UserError(f"--output={output} is a folder; give a file name such as {os.path.join(output, 'model.gguf')}")
+        try:
+            save_gguf_model(model, tokenizer, output, cfg.quant)
+        except OSError as e:
+            raise UserError(f"cannot write {output}: {e.strerror}") from None
+        print(f"wrote {output}: {model.config.arch}, {model.num_params():,} parameters as {cfg.quant or 'f32'}, "
+              f"{os.path.getsize(output) / 1e6:.2f} MB, {tokenizer.vocab_size:,} tokens")
+        print(f"run it with llama.cpp: llama-cli -m {output} -p \"...\"  (or in ollama: FROM {output} in a Modelfile)")
         return
     output = cfg.output or os.path.join(checkpoint_dir, "model.bin")
     if os.path.isdir(output):

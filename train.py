@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from model import lora
-from model.checkpoint import (GPT2_SIZES, checkpoint_of, load_checkpoint, load_model, lora_base_from_checkpoint,
+from model.checkpoint import (GPT2_SIZES, checkpoint_of, is_imported, load_checkpoint, load_model, lora_base_from_checkpoint,
                               model_from_checkpoint, save_checkpoint)
 from model.cli import field, main_guard, parse_config, pick_dtype, resolve_device
 from model.errors import UserError
@@ -44,7 +44,7 @@ MODEL_FIELDS = ("arch", "n_layer", "n_head", "n_embd", "block_size", "vocab_pad_
 class TrainConfig:
     # where things go
     out_dir: str = field("out", "folder for ckpt.pt, log.jsonl and loss.png")
-    init_from: str = field("scratch", "scratch | resume (continue out_dir/ckpt.pt) | path/to/ckpt.pt (fine-tune from its weights) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | hf:<folder or owner/name>")
+    init_from: str = field("scratch", "scratch | resume (continue out_dir/ckpt.pt) | path/to/ckpt.pt (fine-tune from its weights) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | hf:<folder or owner/name> | path/to/model.gguf")
     dataset: str = field("pystdlib", "prepared data set in data_root/<dataset>/ (built-in ones are prepared on first use)")
     data_root: str = field("data", "folder holding prepared data sets")
     # the model
@@ -124,7 +124,7 @@ def prepare_command(cfg, meta):
         model_tokenizer = cfg.out_dir
     elif cfg.init_from in GPT2_SIZES:
         model_tokenizer = f"hf:{cfg.init_from}"
-    else:  # hf:<folder or owner/name>, or the path of a checkpoint
+    else:  # hf:<folder or owner/name>, a .gguf file, or the path of a checkpoint
         model_tokenizer = cfg.init_from
     source = meta.get("source", "SOURCE")
     if source.startswith("python stdlib"):  # how prepare.py describes the pystdlib corpus
@@ -615,7 +615,7 @@ def main():
     checkpoint = None
     if cfg.init_from != "scratch":
         resume = cfg.init_from == "resume"
-        imported = cfg.init_from in GPT2_SIZES or cfg.init_from.startswith("hf:")
+        imported = is_imported(cfg.init_from)
         if imported:
             checkpoint = imported_checkpoint(cfg.init_from)
         else:
@@ -675,7 +675,7 @@ def check_lora_resume(checkpoint, cfg, given):
 
 
 def imported_checkpoint(init_from):
-    """A GPT-2 or Hugging Face model as the start of a new run: a checkpoint at step 0 holding
+    """A GPT-2, Hugging Face or GGUF model as the start of a new run: a checkpoint at step 0 holding
     its weights, shape and tokenizer, so training treats it like any checkpoint it fine-tunes."""
     return checkpoint_of(*load_model(init_from, out_dir=None)[:2])
 
@@ -705,7 +705,7 @@ def check_config(cfg):
     if cfg.lora_rank:
         if cfg.init_from == "scratch":
             raise UserError("LoRA adapts a trained model: give its base with --init_from=path/to/ckpt.pt "
-                            "(or gpt2, hf:...), or leave --lora_rank at 0 to train from scratch")
+                            "(or gpt2, hf:..., a .gguf file), or leave --lora_rank at 0 to train from scratch")
         lora.parse_targets(cfg.lora_targets, cfg.arch)
 
 

@@ -256,13 +256,17 @@ def choose_tokenizer(name, spec, tokenizer_file):
         from model.tokenizer import hf_tokenizer
 
         return hf_tokenizer(resolve_hf_folder(spec[3:], tokenizer_only=True)), f"the tokenizer of {spec}"
+    if spec.lower().endswith(".gguf"):  # a GGUF file's vocabulary (its weights are not read)
+        from model.gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(spec), f"the tokenizer of {spec}"
     if os.path.exists(spec):  # a model trained here: its checkpoint carries its tokenizer
         from model.checkpoint import load_checkpoint  # imports torch: only when a checkpoint is read
 
         checkpoint = load_checkpoint(spec)
         return tokenizer_from_dict(checkpoint["tokenizer"]), f"the tokenizer of the model in {spec}"
     raise UserError(f"unknown tokenizer {spec!r}: choose {', '.join(TOKENIZERS)}, hf:<folder or owner/name>, "
-                    f"or the path of a ckpt.pt or out_dir whose model's tokenizer to reuse")
+                    f"a .gguf file, or the path of a ckpt.pt or out_dir whose model's tokenizer to reuse")
 
 
 def build_tokenizer(kind, pieces, vocab_size, tokenizer_file):

@@ -1,6 +1,6 @@
 """Turn text into token files: data/NAME/{train.bin, val.bin, tokenizer.json, meta.json}.
 
-    python data/prepare.py NAME [--input=SOURCE] [--tokenizer=char|bpe|gpt2|hf:MODEL|OUT_DIR] [--vocab_size=N]
+    python data/prepare.py NAME [--input=SOURCE] [--tokenizer=char|bpe|gpt2|hf:MODEL|FILE.gguf|OUT_DIR] [--vocab_size=N]
         [--tokenizer_file=F] [--split=train] [--text_field=text] [--max_bytes=N]
         [--val_fraction=0.1] [--data_root=data]
 
@@ -30,8 +30,8 @@ Tokenizers: char (one id per distinct character of the whole text; the default f
 (our byte-level BPE trained on the train split, --vocab_size ids), gpt2 (GPT-2's own, through tiktoken;
 --tokenizer_file=gpt2.tiktoken works offline). To fine-tune a model, prepare its data with the model's
 own tokenizer: --tokenizer=hf:<folder or owner/name> takes a Hugging Face model's tokenizer.json
-(hf:gpt2 for GPT-2 imported with --init_from=gpt2), --tokenizer=<path to ckpt.pt or an out_dir> the
-tokenizer of a model trained here. For char and bpe, --tokenizer_file=tokenizer.json reuses a saved
+(hf:gpt2 for GPT-2 imported with --init_from=gpt2), --tokenizer=<path>.gguf a GGUF file's vocabulary,
+--tokenizer=<path to ckpt.pt or an out_dir> the tokenizer of a model trained here. For char and bpe, --tokenizer_file=tokenizer.json reuses a saved
 tokenizer instead of building one.
 
 Split: with at least 10 documents, validation takes an evenly spread val_fraction of them (for 0.1:
@@ -62,7 +62,7 @@ from model.errors import UserError  # noqa: E402
 @dataclasses.dataclass
 class PrepareConfig:
     input: str = field("", "file, folder, http(s) URL, hf:owner/name or hf:/local/path (built-in names need none)")
-    tokenizer: str = field("", "char, bpe, gpt2, hf:<folder or owner/name>, or a ckpt.pt / out_dir to reuse its "
+    tokenizer: str = field("", "char, bpe, gpt2, hf:<folder or owner/name>, a .gguf file, or a ckpt.pt / out_dir to reuse its "
                                "model's tokenizer (default: the built-in's, else char)")
     vocab_size: int = field(0, "number of token ids for --tokenizer=bpe (0 = the built-in's default, else 4096)")
     tokenizer_file: str = field("", "gpt2: a gpt2.tiktoken file (offline); char/bpe: a saved tokenizer.json to reuse")
@@ -73,7 +73,7 @@ class PrepareConfig:
     data_root: str = field("data", "folder that holds prepared datasets (and .cache/ for downloads)")
 
 
-USAGE = ("usage: python data/prepare.py NAME [--input=SOURCE] [--tokenizer=char|bpe|gpt2|hf:MODEL|OUT_DIR] [--options]\n"
+USAGE = ("usage: python data/prepare.py NAME [--input=SOURCE] [--tokenizer=char|bpe|gpt2|hf:MODEL|FILE.gguf|OUT_DIR] [--options]\n"
          f"built-in NAMEs (no --input needed): {', '.join(BUILTINS)}; SOURCE forms: see data/prepare.py")
 
 

@@ -87,15 +87,27 @@ def cast_weights(model, dtype):
     return model
 
 
+def is_gguf(init_from):
+    """Whether --init_from names a GGUF file (llama.cpp's format)."""
+    return init_from.lower().endswith(".gguf")
+
+
+def is_imported(init_from):
+    """Whether --init_from names a model made elsewhere (GPT-2, a Hugging Face folder or hub
+    name, a GGUF file) rather than a checkpoint of this project."""
+    return init_from in GPT2_SIZES or init_from.startswith("hf:") or is_gguf(init_from)
+
+
 def load_model(init_from, out_dir, device="cpu", dtype=None):
     """The one way the scripts get a model: (model, tokenizer, source), the weights in `dtype`
     (None: float32, as trained and as files store them).
 
     init_from: "resume" (out_dir/ckpt.pt, or out_dir itself when it is a file), a path to a
     ckpt.pt, gpt2 | gpt2-medium | gpt2-large | gpt2-xl (OpenAI's weights on the Hugging Face
-    hub), or hf:<local folder> | hf:<owner/name>. `source` describes where the model came from,
-    for messages and JSON: {"init_from", "step" (None for an imported model), "path",
-    "sample_prompt" (what its training run sampled from; None for an imported model)}."""
+    hub), hf:<local folder> | hf:<owner/name>, or the path of a .gguf file (llama.cpp's format).
+    `source` describes where the model came from, for messages and JSON: {"init_from", "step"
+    (None for an imported model), "path", "sample_prompt" (what its training run sampled from;
+    None for an imported model)}."""
     if init_from in GPT2_SIZES:
         init_from = f"hf:{init_from}"
     if init_from.startswith("hf:"):
@@ -105,6 +117,12 @@ def load_model(init_from, out_dir, device="cpu", dtype=None):
         model, tokenizer = load_hf_model(folder)
         return cast_weights(model.to(device), dtype), tokenizer, {"init_from": init_from, "step": None, "path": folder,
                                                             "sample_prompt": None}
+    if is_gguf(init_from):
+        from model.gguf import load_gguf_model
+
+        model, tokenizer = load_gguf_model(init_from)
+        return cast_weights(model.to(device), dtype), tokenizer, {"init_from": init_from, "step": None,
+                                                                  "path": init_from, "sample_prompt": None}
     path = out_dir if init_from == "resume" else init_from
     checkpoint = load_checkpoint(path, map_location="cpu")
     model, tokenizer = model_from_checkpoint(checkpoint, device=device)
@@ -117,8 +135,8 @@ def load_model(init_from, out_dir, device="cpu", dtype=None):
 # ---- LoRA runs: an adapter and a reference to its base ----------------------------------------
 
 def load_base(reference, dropout=None):
-    """The base model a LoRA run names (a checkpoint path, gpt2* or hf:...): (model, tokenizer)."""
-    if reference in GPT2_SIZES or reference.startswith("hf:"):
+    """The base model a LoRA run names (a checkpoint path, gpt2*, hf:... or a .gguf path): (model, tokenizer)."""
+    if is_imported(reference):
         model, tokenizer, _ = load_model(reference, out_dir=None)
         if dropout is None:
             return model, tokenizer

@@ -114,7 +114,7 @@ class SamplingOptions:
     the model is, what to feed it, and how to pick each next token."""
     out_dir: str = field("out", "folder with ckpt.pt (or the path of a checkpoint file)")
     init_from: str = field("resume", "resume (the checkpoint in --out_dir) | path/to/ckpt.pt | gpt2 | gpt2-medium | "
-                           "gpt2-large | gpt2-xl | hf:<folder or owner/name>")
+                           "gpt2-large | gpt2-xl | hf:<folder or owner/name> | path/to/model.gguf")
     prompt: str = field("", "text to continue, or FILE:path to read it from a file ('' = the prompt the model's "
                         "training run sampled from, else the start of a document)")
     temperature: float = field(0.8, "0 = greedy (always the most likely token); higher = more random")

@@ -33,6 +33,10 @@ from model.files import atomic_write
 # become separate chunks, and BPE merges never cross a chunk boundary. (A run of spaces
 # before a word keeps its last space for the word: " foo" is one chunk.)
 GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Llama 3's (and llama.cpp's "llama-bpe"): case-insensitive contractions, a letter run with one
+# leading non-letter, at most 3 digits. run.py keeps its own copy (it imports nothing of ours).
+LLAMA3_SPLIT_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
+                        r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 EOT = "<|endoftext|>"
 
 # GPT-2's ranks in tiktoken's format (sha256 306cd27f...dd930, also shipped as gpt2.tiktoken).
@@ -260,6 +264,24 @@ class HFTokenizer(Tokenizer):
     def to_dict(self):
         return {"kind": "hf", "tokenizer_json": self.tokenizer_json, "bos_id": self.bos_id, "eos_id": self.eos_id,
                 "chat_template": self.chat_template}
+
+
+def split_rule_of(pre_tokenizer):
+    """The split rule a tokenizer.json pre_tokenizer applies, by run.py's names (gpt2, digits_gpt2,
+    llama3; a GGUF file names the same rules gpt-2, smollm and llama-bpe), or None for any other."""
+    def byte_level(step, use_regex):
+        return (step.get("type") == "ByteLevel" and not step.get("add_prefix_space")
+                and step.get("use_regex", True) == use_regex)
+
+    steps = pre_tokenizer.get("pretokenizers", []) if pre_tokenizer.get("type") == "Sequence" else [pre_tokenizer]
+    if len(steps) == 1 and byte_level(steps[0], True):  # GPT-2
+        return "gpt2"
+    if len(steps) == 2 and steps[0] == {"type": "Digits", "individual_digits": True} and byte_level(steps[1], True):
+        return "digits_gpt2"  # SmolLM2
+    if (len(steps) == 2 and steps[0].get("type") == "Split" and steps[0].get("pattern") == {"Regex": LLAMA3_SPLIT_PATTERN}
+            and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert") and byte_level(steps[1], False)):
+        return "llama3"
+    return None
 
 
 def byte_to_unicode() -> dict[int, str]:

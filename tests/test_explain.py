@@ -304,3 +304,23 @@ def test_bad_input_is_refused_clearly(trained, tmp_path):
         with pytest.raises(UserError):
             explain.check_config(cfg)
             explain.explain(cfg)
+
+
+def test_logit_lens_prints_one_row_per_layer_for_the_chosen_positions(capsys):
+    """A deep model's lens stays readable: a row per layer, for the positions asked for."""
+    def layer(*ids):
+        return [{"id": i, "text": f"t{i}", "prob": 0.5 / (k + 1)} for k, i in enumerate(ids)]
+
+    names = ["embedding"] + [f"block {i}" for i in range(30)]
+    tops = [[7, 8, 9]] * 10 + [[8, 9, 5]] * 10 + [[9, 5, 6]] * 6 + [[5, 9, 6]] * 5  # 5 leads from block 25 on
+    lens = {"layers": names, "positions": [
+        {"position": t, "token": {"id": t, "text": f"p{t}"}, "next": None, "layers": [layer(*top) for top in tops]}
+        for t in range(4)]}
+    explain.print_logit_lens(lens, "0,-1")
+    out = capsys.readouterr().out
+    assert "position 0, after 'p0'" in out and "position 3, after 'p3'" in out and "position 1," not in out
+    assert "block 29 = output" in out and max(len(line) for line in out.splitlines()) < 100
+    assert out.count("block 12 ") == 2  # one row per layer in each position's table
+    assert "'t5' is first in the top 3 at block 9, and the top token from block 25 on" in out
+    with pytest.raises(UserError):
+        explain.chosen_positions("0,7", 4)

@@ -235,7 +235,7 @@ def advance(model, cache, cached_ids, ids):
     """Bring a cache that holds `cached_ids` to holding `ids`, computing only the positions after
     the two sequences' common start (a new turn costs only its own tokens; where the template or
     the tokenizer wrote the history differently, from the first difference on). Returns the new
-    cache and the logits that follow ids' last token."""
+    cache, the logits that follow ids' last token, and how many positions were computed."""
     if not ids or len(ids) > model.config.block_size:
         raise UserError(f"the conversation is {len(ids)} tokens; this model reads 1 to {model.config.block_size}")
     common = 0
@@ -246,4 +246,25 @@ def advance(model, cache, cached_ids, ids):
     cache.length = common  # what lies beyond is overwritten
     device = model.wte.weight.device
     logits, _ = model(torch.tensor([ids[common:]], device=device), kv_cache=cache)
-    return cache, logits[0, -1]
+    return cache, logits[0, -1], len(ids) - common
+
+
+def fit_context(tokenizer, messages, block_size, reserve):
+    """The ids to reply to, with room for `reserve` new tokens in the model's context: while the
+    conversation is too long, its oldest exchange (the first message after the system prompt,
+    and the reply that answered it) is dropped from `messages` (in place). Returns (ids, number
+    of messages dropped); a last message too long to fit even alone is a UserError."""
+    dropped = 0
+    while True:
+        ids = encode_chat(tokenizer, messages)
+        if len(ids) + reserve <= block_size:
+            return ids, dropped
+        first = 1 if messages[0]["role"] == "system" else 0
+        if len(messages) - first <= 1:
+            raise UserError(f"the message is {len(ids)} tokens with the template; with {reserve} for the reply it "
+                            f"does not fit in the model's context of {block_size}")
+        del messages[first]
+        dropped += 1
+        if len(messages) - first > 1 and messages[first]["role"] == "assistant":
+            del messages[first]
+            dropped += 1

@@ -192,6 +192,9 @@ def main():
         _, prompt = read_prompt(cfg.prompt, tokenizer)
         if not prompt.strip():
             raise UserError("the prompt is empty")
+    # a template that cannot write this conversation (a system message where it has no system role)
+    # fails here, before anything else is printed
+    render_chat(tokenizer, new_conversation(cfg) + [{"role": "user", "content": prompt or "Hi"}])
     origin = f"step {source['step']}" if source["step"] is not None else source["init_from"]
     say(f"model: {model.num_params():,} parameters, {origin}, context {model.config.block_size} tokens")
     if not is_instruction_tuned(tokenizer):

@@ -62,7 +62,7 @@ class BatchLoader:
             if len(self.mask) != count or not len(self.starts) or self.starts.max() >= count:
                 raise UserError(f"{data_dir}: {split}_mask.bin or {split}_starts.bin does not match {path.name}: "
                                 f"prepare the dataset again")
-            self.unreachable = self._check_windows(block_size, data_dir)
+            self.unreachable = self._check_windows(block_size, data_dir, split)
         self.split, self.split_id = split, SPLIT_IDS[split]
         self.batch_size, self.block_size, self.seed = batch_size, block_size, seed
         self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
@@ -70,7 +70,7 @@ class BatchLoader:
         self.step = 0  # optimizer step of the next batch
         self.micro_step = 0  # micro-step (0 .. grad_accum-1) within it
 
-    def _check_windows(self, block_size, data_dir):
+    def _check_windows(self, block_size, data_dir, split):
         """Every window must hold a trained target (else its loss is 0/0); returns how many
         trained tokens lie more than block_size after their conversation's start, where no
         window reaches them."""
@@ -79,7 +79,7 @@ class BatchLoader:
         trained_before = np.concatenate([[0], np.cumsum(self.mask)])
         empty = np.flatnonzero(trained_before[window_ends + 1] - trained_before[self.starts + 1] == 0)
         if len(empty):
-            raise UserError(f"{data_dir}: conversation {empty[0] + 1} of the {self.split} split has no reply token "
+            raise UserError(f"{data_dir}: conversation {empty[0] + 1} of the {split} split has no reply token "
                             f"within block_size = {block_size} tokens of its start: use a larger --block_size")
         owner = np.searchsorted(self.starts, trained, side="right") - 1  # the conversation of each trained token
         return int((trained - self.starts[owner] > block_size).sum())

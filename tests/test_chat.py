@@ -270,17 +270,38 @@ def test_piped_lines_are_turns_of_one_conversation_each_reading_only_its_own_tok
     assert "tokens; " in result.stderr and "left]" in result.stderr
 
 
-def test_a_model_without_a_template_is_told_and_still_answers(tmp_path):
+def test_a_model_without_a_template_is_told_then_taught_the_default_one(tmp_path):
+    """A model trained here: chat.py still talks to it; chat data gives it ChatML's markers as two
+    new embedding rows; full fine-tuning trains them (LoRA is refused); export writes the template."""
     corpus = tmp_path / "text.txt"
     corpus.write_text(TEXT * 3)
-    data_root, out = tmp_path / "data", tmp_path / "out"
+    data_root, base, taught = tmp_path / "data", tmp_path / "base", tmp_path / "taught"
     run_script("data/prepare.py", "text", f"--input={corpus}", "--tokenizer=bpe", "--vocab_size=300",
                f"--data_root={data_root}")
-    run_script("train.py", "--dataset=text", f"--data_root={data_root}", f"--out_dir={out}", "--n_layer=1",
-               "--n_head=2", "--n_embd=32", "--block_size=128", "--batch_size=4", "--max_iters=2", "--eval_iters=1",
-               "--sample_tokens=0", "--plot=false", "--device=cpu")
-    result = run_script("chat.py", f"--out_dir={out}", "--prompt=Hi", "--max_new_tokens=5", "--device=cpu")
+    tiny = ["--block_size=96", "--batch_size=4", "--eval_iters=1", "--sample_tokens=0", "--plot=false", "--device=cpu"]
+    run_script("train.py", "--dataset=text", f"--data_root={data_root}", f"--out_dir={base}", "--n_layer=1",
+               "--n_head=2", "--n_embd=32", "--max_iters=2", *tiny)
+    result = run_script("chat.py", f"--out_dir={base}", "--prompt=Hi", "--max_new_tokens=5", "--device=cpu")
     assert "not instruction-tuned" in result.stderr and result.stdout.endswith("\n")
+
+    write_conversations(tmp_path / "sums.jsonl")
+    result = run_script("data/prepare.py", "sums", f"--input={tmp_path / 'sums.jsonl'}", f"--tokenizer={base}",
+                        f"--data_root={data_root}")
+    assert "its markers as 2 new ids" in result.stderr
+    common = [f"--init_from={base / 'ckpt.pt'}", "--dataset=sums", f"--data_root={data_root}", "--max_iters=2", *tiny]
+    assert_clean_error(run_script("train.py", *common, "--lora_rank=4", f"--out_dir={taught}", check=False))
+    result = run_script("train.py", *common, f"--out_dir={taught}")
+    assert "2 new embedding rows" in result.stderr
+    checkpoint = load_checkpoint(taught)
+    tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
+    assert checkpoint["model_config"]["vocab_size"] == tokenizer.vocab_size == 302
+    assert tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
+    assert "not instruction-tuned" not in run_script("chat.py", f"--out_dir={taught}", "--prompt=Hi",
+                                                     "--max_new_tokens=3", "--device=cpu").stderr
+    run_script("export.py", f"--out_dir={taught}", "--format=hf", f"--output={tmp_path / 'hf'}")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert theirs.apply_chat_template(CONVERSATION, tokenize=True, return_dict=False) == \
+        encode_chat(tokenizer, CONVERSATION, add_generation_prompt=False)
 
 
 def test_bad_input_is_one_error_line(chat_model, tmp_path, tokenizer_folders):

@@ -82,7 +82,12 @@ class Chat:
             say(f"[the context is full: dropped the oldest {dropped} message(s); {len(ids)} tokens now]")
         started = time.perf_counter()
         with torch.inference_mode():
-            self.cache, logits, new_tokens = advance(self.model, self.cache, self.cached_ids, ids)
+            try:
+                self.cache, logits, new_tokens = advance(self.model, self.cache, self.cached_ids, ids)
+            except KeyboardInterrupt:  # stopped while reading the turn: no reply, the turn is taken back
+                self.messages.pop()  # (the cache stays consistent: advance cut it to the common start)
+                say("[stopped]")
+                return ""
             self.cached_ids = list(ids)
             read_at = time.perf_counter()
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

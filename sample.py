@@ -30,14 +30,13 @@ USAGE = "usage: python sample.py [--out_dir=out] [--prompt=TEXT|FILE:path] [--fi
 @dataclass
 class SampleConfig(SamplingOptions):
     num_samples: int = field(1, "how many samples to draw")
-    max_new_tokens: int = field(500, "tokens to generate per sample")
     kv_cache: bool = field(True, "reuse keys/values of earlier positions (false = recompute the whole context per token)")
 
 
 def check_config(cfg):
     check_sampling_options(cfg)
-    if cfg.num_samples < 1 or cfg.max_new_tokens < 0:
-        raise UserError("--num_samples must be at least 1 and --max_new_tokens 0 or more")
+    if cfg.num_samples < 1:
+        raise UserError("--num_samples must be at least 1")
 
 
 def main():

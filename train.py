@@ -32,7 +32,8 @@ from model.cli import field, main_guard, parse_config, pick_dtype, resolve_devic
 from model.errors import UserError
 from model.gpt import GPT, GPTConfig
 from model.optimizer import make_optimizer
-from model.tokenizer import load_tokenizer
+from model.chat import grow_vocabulary, with_chat_template
+from model.tokenizer import load_tokenizer, tokenizer_from_dict
 
 USAGE = "usage: python train.py [configs/NAME.toml] [--field=value ...]"
 # the fields a checkpoint fixes: a trained model keeps its shape
@@ -253,7 +254,13 @@ def train(cfg, checkpoint=None):
 
     data_dir, meta = ensure_dataset(cfg, is_master)
     tokenizer = load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
-    if checkpoint is not None and checkpoint["tokenizer"] != tokenizer.to_dict():
+    # a model without a chat template learns the default one: its markers are new ids (model/chat.py)
+    new_chat_markers = (checkpoint is not None and not resumed and checkpoint["tokenizer"] != tokenizer.to_dict()
+                        and with_chat_template(tokenizer_from_dict(checkpoint["tokenizer"])).to_dict() == tokenizer.to_dict())
+    if new_chat_markers and cfg.lora_rank:
+        raise UserError("this model has no chat template, so the chat data set gives it new marker tokens whose "
+                        "embedding rows must be trained: fine-tune all weights (--lora_rank=0)")
+    if checkpoint is not None and checkpoint["tokenizer"] != tokenizer.to_dict() and not new_chat_markers:
         raise UserError(f"data set {cfg.dataset!r} was prepared with another tokenizer ({meta['tokenizer']}, "
                         f"{meta['vocab_size']:,} ids) than the model's; prepare it with the model's: "
                         f"{prepare_command(cfg, meta)}")
@@ -281,6 +288,8 @@ def train(cfg, checkpoint=None):
             lora.load_adapter_state_dict(model, checkpoint["model"])
     elif checkpoint is not None:
         model, _ = model_from_checkpoint(checkpoint, device="cpu", dropout=cfg.dropout)
+        if new_chat_markers:
+            grow_vocabulary(model, tokenizer.vocab_size)
     else:
         model = GPT(GPTConfig(vocab_size=meta["vocab_size"], dropout=cfg.dropout,
                               **{name: getattr(cfg, name) for name in MODEL_FIELDS}))
@@ -317,11 +326,24 @@ def train(cfg, checkpoint=None):
     if lora_settings:
         say(lora.trainable_summary(raw_model, cfg.lora_rank, lora_settings["targets"]))
     say(f"data: {cfg.dataset}, {meta['train_tokens']:,} train tokens, {meta['tokenizer']} tokenizer, vocabulary {vocab}")
+    chat_data = bool(meta.get("mask"))
+    if new_chat_markers:
+        say(f"chat: the model has no chat template; the default one's markers are {vocab - checkpoint_vocab(checkpoint)} "
+            "new embedding rows, trained from the mean of the others")
+    if chat_data:  # the loss (and the val loss) is the mean over the assistant's tokens only
+        say(f"chat data: {meta['train_conversations']:,} conversations, the loss taken on their "
+            f"{meta['train_trained_tokens']:,} assistant tokens only; windows of {cfg.block_size} start at "
+            f"conversation starts (packed)"
+            + (f"; {train_loader.unreachable:,} assistant tokens lie further than that from their conversation's "
+               f"start and are never trained (a larger --block_size reaches them)" if train_loader.unreachable else ""))
     say(f"device: {device} {str(dtype).replace('torch.', '')}, {world_size} process(es), "
         f"{tokens_per_step:,} tokens per step")
     say(f"reference points: uniform guess ln({vocab}) = {math.log(vocab):.3f} nats; "
         f"unigram entropy of the data = {unigram_entropy(data_dir, meta):.3f} nats/token")
-    bytes_per_token = meta["val_bytes"] / meta["val_tokens"]
+    # bits per byte of the text that is scored: for chat data, the replies' bytes per reply token
+    bytes_per_token = (meta["val_trained_bytes"] / meta["val_trained_tokens"] if chat_data
+                       else meta["val_bytes"] / meta["val_tokens"])
+    val_name = "val loss (assistant tokens)" if chat_data else "val loss"
     gpu_name, peak_flops = gpu_peak_flops(device)
     flops_per_token = raw_model.flops_per_token(cfg.block_size)
     if peak_flops:
@@ -394,7 +416,7 @@ def train(cfg, checkpoint=None):
                 val_bpb = losses["val"] / math.log(2) / bytes_per_token
                 best_val_loss, last_eval_step = min(best_val_loss, losses["val"]), step
                 if is_master:
-                    progress.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+                    progress.write(f"step {step}: train loss {losses['train']:.4f}, {val_name} {losses['val']:.4f}, "
                                    f"val bpb {val_bpb:.4f}", file=sys.stderr)
                 log({"step": step, "tokens": step * tokens_per_step, "train_loss": losses["train"],
                      "val_loss": losses["val"], "val_bpb": val_bpb, "lr": learning_rate_at(step, cfg),
@@ -480,6 +502,10 @@ def train(cfg, checkpoint=None):
         print(tokenizer.decode(prompt + new))
     if log_file:
         log_file.close()
+
+
+def checkpoint_vocab(checkpoint):
+    return GPTConfig(**checkpoint["model_config"]).vocab_size
 
 
 def lora_alpha(cfg):

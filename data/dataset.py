@@ -1,5 +1,6 @@
 """Prepared data sets: text from a file, folder, URL or Hugging Face dataset, cut into
-train/val, tokenized, and written as data/NAME/{train.bin, val.bin, tokenizer.json, meta.json}.
+train/val, tokenized, and written as data/NAME/{train.bin, val.bin, tokenizer.json, meta.json}
+(conversations, from .jsonl files or hf: rows with messages, go to data/conversations.py).
 `prepare()` does it all; data/prepare.py is its command line (whose docstring describes the
 sources, tokenizers, split and files in detail), and train.py calls it to prepare a built-in
 data set on first use.
@@ -133,8 +134,9 @@ def download(url, data_root):
     return path
 
 
-def hf_documents(spec, split, text_field, data_root):
-    """Texts of an hf: source (hub name or local path), read through `datasets` in streaming mode."""
+def hf_rows(spec, split, data_root):
+    """The rows (dicts) of an hf: source (hub name or local path), read through `datasets` in
+    streaming mode; its errors become UserErrors."""
     import datasets  # only hf: sources need it, and it is slow to import
 
     local = Path(spec).expanduser()
@@ -153,25 +155,30 @@ def hf_documents(spec, split, text_field, data_root):
         else:
             name, _, subset = spec.partition(":")
             dataset = datasets.load_dataset(name, subset or None, split=split, **options)
-        progress = tqdm(desc=f"reading hf:{spec}", unit="char", unit_scale=True, disable=None)
-        for row in dataset:
-            if text_field not in row:
-                raise UserError(f"hf:{spec} has no column {text_field!r} (columns: {', '.join(row)}); "
-                                f"pass --text_field=NAME")
-            text = row[text_field]
-            if text is None:
-                continue
-            if not isinstance(text, str):
-                raise UserError(f"hf:{spec} column {text_field!r} holds {type(text).__name__}, not text")
-            progress.update(len(text))
-            yield text
-        progress.close()
+        yield from dataset
     except UserError:
         raise
     except Exception as e:  # datasets reports missing repos, network and format trouble with many types
         where = "" if local.exists() else "; offline? download its data files and pass --input=FILE or hf:/local/folder"
         message = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(f"could not read hf:{spec} ({type(e).__name__}: {message}){where}") from None
+
+
+def hf_documents(spec, split, text_field, data_root):
+    """Texts of an hf: source: its text_field column."""
+    progress = tqdm(desc=f"reading hf:{spec}", unit="char", unit_scale=True, disable=None)
+    for row in hf_rows(spec, split, data_root):
+        if text_field not in row:
+            raise UserError(f"hf:{spec} has no column {text_field!r} (columns: {', '.join(row)}); "
+                            f"pass --text_field=NAME")
+        text = row[text_field]
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise UserError(f"hf:{spec} column {text_field!r} holds {type(text).__name__}, not text")
+        progress.update(len(text))
+        yield text
+    progress.close()
 
 
 def read_documents(source, data_root, split, text_field, max_bytes):
@@ -361,6 +368,11 @@ def prepare(name, input=None, tokenizer=None, vocab_size=0, tokenizer_file=None,
     if max_bytes < 0:
         raise UserError(f"--max_bytes must be >= 0, got {max_bytes}")
     kind, why = choose_tokenizer(name, tokenizer, tokenizer_file)
+    from data.conversations import is_conversation_source, prepare_conversations
+
+    if source != STDLIB and is_conversation_source(source, data_root, split, text_field):
+        return prepare_conversations(name, source, kind, why, vocab_size, tokenizer_file, split, val_fraction,
+                                     data_root)
 
     documents, description = read_documents(source, data_root, split, text_field, max_bytes)
     sha256 = hashlib.sha256()

@@ -19,6 +19,11 @@ SOURCE is one of
                               hub name when it exists on disk.
     python:stdlib             the pystdlib corpus below (to prepare it under another name)
 
+Conversations (a .jsonl file, a folder of .jsonl files, or hf: rows with a `messages` column, or
+`instruction` + `output` columns) are rendered with the model's chat template into tokens plus a
+loss mask (1 on the assistant's tokens): see data/conversations.py.
+    python data/prepare.py faq --input=faq.jsonl --tokenizer=hf:HuggingFaceTB/SmolLM2-135M-Instruct
+
 Built-in names need no --input:
     pystdlib          the .py files of the running Python's standard library (tests excluded): the
                       default corpus, on every machine with Python, no download. bpe tokenizer, 1024 ids.

@@ -114,17 +114,22 @@ def check_messages(messages):
 def render_chat(tokenizer, messages, add_generation_prompt=True) -> str:
     """The conversation as the text the model reads: its template (DEFAULT_CHAT_TEMPLATE for a
     model without one) applied to the messages, then, with add_generation_prompt, the opening of
-    the assistant's reply. The variables are those transformers passes: the messages, the flag,
-    the special tokens' texts (bos_token, eos_token) and no tools or documents."""
+    the assistant's reply."""
+    special = {name: token_text(tokenizer, getattr(tokenizer, f"{name}_id")) for name in ("bos", "eos")}
+    return render_messages(tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE, messages, add_generation_prompt,
+                           **{f"{name}_token": text for name, text in special.items() if text is not None})
+
+
+def render_messages(template, messages, add_generation_prompt=True, **special_tokens):
+    """A template applied to messages with the variables transformers passes: the messages, the
+    flag, the special tokens' texts (bos_token, eos_token) and no tools or documents."""
     import jinja2
 
     check_messages(messages)
-    template = compile_template(tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE)
-    special = {name: token_text(tokenizer, getattr(tokenizer, f"{name}_id")) for name in ("bos", "eos")}
-    variables = {f"{name}_token": text for name, text in special.items() if text is not None}
     try:
-        return template.render(messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
-                               tools=None, documents=None, **variables)
+        return compile_template(template).render(messages=[dict(m) for m in messages],
+                                                 add_generation_prompt=add_generation_prompt,
+                                                 tools=None, documents=None, **special_tokens)
     except jinja2.TemplateError as e:  # raise_exception() in the template, or a template bug
         raise UserError(f"the chat template cannot render this conversation: {e}") from None
     except (TypeError, ValueError, KeyError, AttributeError) as e:
@@ -139,8 +144,9 @@ def encode_chat(tokenizer, messages, add_generation_prompt=True) -> list[int]:
 
 def encode_conversation(tokenizer, messages):
     """(ids, mask) of a whole conversation, for fine-tuning: mask[i] is 1 where ids[i] is a token
-    the assistant says, its end-of-turn marker included, and 0 on everything else (the system
-    prompt, the user's turns and the template's headers), so the loss teaches only the replies.
+    the assistant says, up to and including its end-of-turn marker, and 0 on everything else (the
+    system prompt, the user's turns, the template's headers), so the loss teaches only the replies
+    and when to stop.
 
     Each reply's text is found by rendering: the conversation up to the reply with the
     generation prompt ends exactly where the reply begins, and up to and including the reply it
@@ -163,11 +169,15 @@ def encode_conversation(tokenizer, messages):
             common += 1
         return common
 
+    stop_ids = end_of_turn_ids(tokenizer)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         start = token_boundary(render_chat(tokenizer, messages[:i], add_generation_prompt=True) if i else "")
         end = token_boundary(render_chat(tokenizer, messages[:i + 1], add_generation_prompt=False))
+        # the turn ends with its end-of-turn marker: what the template writes after it (ChatML's
+        # newline) is the template's, not the reply's
+        end = next((j + 1 for j in range(start, end) if ids[j] in stop_ids), end)
         mask[start:end] = [1] * (end - start)
     return ids, mask
 
@@ -235,7 +245,7 @@ def advance(model, cache, cached_ids, ids):
     """Bring a cache that holds `cached_ids` to holding `ids`, computing only the positions after
     the two sequences' common start (a new turn costs only its own tokens; where the template or
     the tokenizer wrote the history differently, from the first difference on). Returns the new
-    cache and the logits that follow ids' last token."""
+    cache, the logits that follow ids' last token, and how many positions were computed."""
     if not ids or len(ids) > model.config.block_size:
         raise UserError(f"the conversation is {len(ids)} tokens; this model reads 1 to {model.config.block_size}")
     common = 0
@@ -246,4 +256,57 @@ def advance(model, cache, cached_ids, ids):
     cache.length = common  # what lies beyond is overwritten
     device = model.wte.weight.device
     logits, _ = model(torch.tensor([ids[common:]], device=device), kv_cache=cache)
-    return cache, logits[0, -1]
+    return cache, logits[0, -1], len(ids) - common
+
+
+def fit_context(tokenizer, messages, block_size, reserve):
+    """The ids to reply to, with room for `reserve` new tokens in the model's context: while the
+    conversation is too long, its oldest exchange (the first message after the system prompt,
+    and the reply that answered it) is dropped from `messages` (in place). Returns (ids, number
+    of messages dropped); a last message too long to fit even alone is a UserError."""
+    dropped = 0
+    while True:
+        ids = encode_chat(tokenizer, messages)
+        if len(ids) + reserve <= block_size:
+            return ids, dropped
+        first = 1 if messages[0]["role"] == "system" else 0
+        if len(messages) - first <= 1:
+            raise UserError(f"the message is {len(ids)} tokens with the template; with {reserve} for the reply it "
+                            f"does not fit in the model's context of {block_size}")
+        del messages[first]
+        dropped += 1
+        if len(messages) - first > 1 and messages[first]["role"] == "assistant":
+            del messages[first]
+            dropped += 1
+
+
+def grow_vocabulary(model, vocab_size):
+    """Give `model` embedding (and output) rows for ids up to vocab_size, in place: the rows of
+    new special tokens (the default template's markers). Each new row starts as the mean of the
+    trained rows, a token like the average one, so the first steps' loss is that of the model
+    as it was; fine-tuning then teaches the rows what the markers mean."""
+    import dataclasses
+
+    from model.gpt import Linear
+
+    old_size = model.config.vocab_size
+    if vocab_size <= old_size:
+        return model
+    config = dataclasses.replace(model.config, vocab_size=vocab_size)
+
+    def grown(weight):
+        rows = torch.zeros(config.padded_vocab_size, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        rows[:old_size] = weight[:old_size]
+        rows[old_size:vocab_size] = weight[:old_size].mean(0)
+        return torch.nn.Parameter(rows)
+
+    with torch.no_grad():
+        model.wte = torch.nn.Embedding(config.padded_vocab_size, config.n_embd, _weight=grown(model.wte.weight))
+        if config.tie_embeddings:
+            model.lm_head.weight = model.wte.weight
+        else:
+            head = Linear(config.n_embd, config.padded_vocab_size, bias=False)
+            head.weight = grown(model.lm_head.weight)
+            model.lm_head = head
+    model.config = config
+    return model

@@ -110,7 +110,7 @@ def parse_config(config_class, argv, usage, allow_preset=False, return_given=Fal
 
 @dataclasses.dataclass
 class SamplingOptions:
-    """What every script that draws tokens from a model takes (sample.py, explain.py): where
+    """What every script that draws tokens from a model takes (sample.py, explain.py, chat.py): where
     the model is, what to feed it, and how to pick each next token."""
     out_dir: str = field("out", "folder with ckpt.pt (or the path of a checkpoint file)")
     init_from: str = field("resume", "resume (the checkpoint in --out_dir) | path/to/ckpt.pt | gpt2 | gpt2-medium | "
@@ -120,6 +120,7 @@ class SamplingOptions:
     temperature: float = field(0.8, "0 = greedy (always the most likely token); higher = more random")
     top_k: int = field(0, "sample only from the k most likely tokens (0 = all)")
     top_p: float = field(1.0, "sample only from the smallest set of tokens whose probability reaches p (1 = all)")
+    max_new_tokens: int = field(500, "most tokens to generate (per sample, per reply)")
     seed: int = field(1337, "random seed: the same seed gives the same text")
     device: str = field("auto", "auto | cpu | cuda | cuda:N | mps")
     dtype: str = field("auto", "the weights' precision: auto (bfloat16 on CUDA, else float32) | float32 | bfloat16 | float16")
@@ -130,6 +131,8 @@ def check_sampling_options(cfg):
         raise UserError(f"--temperature must be 0 or more, got {cfg.temperature}")
     if cfg.top_k < 0 or not 0.0 < cfg.top_p <= 1.0:
         raise UserError("--top_k must be 0 or more and --top_p in (0, 1]")
+    if cfg.max_new_tokens < 0:
+        raise UserError("--max_new_tokens must be 0 or more")
 
 
 def main_guard(main):

@@ -595,6 +595,8 @@ def tokenizer_json(tokenizer: Tokenizer) -> dict:
         hf = tokenizers.Tokenizer(models.WordLevel({ch: i for i, ch in enumerate(tokenizer.chars)}, unk_token="<unk>"))
         hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
         hf.decoder = decoders.Fuse()
+        # a chat template's markers: added tokens take the next ids, as they have here
+        hf.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in tokenizer.special_tokens])
         return json.loads(hf.to_str())
     # Byte-level BPE: the same split pattern, then GPT-2's byte-to-character trick, then merges.
     # tiktoken merges whichever adjacent pair forms the lowest-ranked token; a merge list
@@ -617,5 +619,5 @@ def tokenizer_json(tokenizer: Tokenizer) -> dict:
     hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(tokenizer.pattern), behavior="isolated"),
                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     hf.decoder = decoders.ByteLevel()
-    hf.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
+    hf.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in tokenizer.special_tokens])
     return json.loads(hf.to_str())

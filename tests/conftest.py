@@ -15,13 +15,13 @@ torch.set_num_threads(1)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_script(*args, timeout=300, env=None, check=True):
-    """python <script> <args> from the repository root, as a user would type it."""
+def run_script(*args, timeout=300, env=None, check=True, input=None):
+    """python <script> <args> from the repository root, as a user would type it (`input`: its stdin)."""
     # One thread per process: the tiny models here gain nothing from more, and threads that
     # spin while another process holds the other core slow a run down many times over.
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
-                            timeout=timeout, env=full_env)
+                            timeout=timeout, env=full_env, input=input)
     if check and result.returncode != 0:
         raise AssertionError(f"{args} exited {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
     return result

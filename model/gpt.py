@@ -223,6 +223,14 @@ class CausalSelfAttention(nn.Module):
             kv_cache.values[self.layer_index, :B, :, start_pos:start_pos + T] = v
             k = kv_cache.keys[self.layer_index, :B, :, :start_pos + T]
             v = kv_cache.values[self.layer_index, :B, :, :start_pos + T]
+        if T == 1 and not self.training and not self.record_attention:
+            # One new query per head (generating a token): scaled_dot_product_attention's CPU kernel
+            # costs more to set up than these three small products. The queries that share a
+            # key/value head are stacked as its rows, so grouped-query attention copies nothing.
+            q = q.reshape(B, n_kv_head, n_head // n_kv_head, head_size)
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(head_size))
+            y = scores.float().softmax(dim=-1).to(v.dtype) @ v  # (B, n_kv_head, queries per head, head_size)
+            return self.resid_dropout(self.c_proj(y.view(B, 1, n_head * head_size)))
         # Grouped-query attention (n_kv_head < n_head): each key/value head serves n_head / n_kv_head
         # query heads (consecutive ones, as in transformers), which makes the cache that many times
         # smaller; scaled_dot_product_attention(enable_gqa=True) pairs them without copying k and v.

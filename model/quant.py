@@ -68,6 +68,9 @@ def dequantize_groups(values, scales, group_size=GROUP_SIZE):
     return groups.reshape(rows, cols)
 
 
+KERNEL_MAX_ROWS = 16  # up to this many rows at a time go through the int8 kernel (bench.py: prompt vs tokens)
+
+
 def int8_kernel_fits(in_features, device):
     # The CPU kernel reads 16 activations at a time and gives wrong numbers (or crashes) when a
     # row's length is not a multiple of 16; other devices dequantize instead (see Int8Linear).
@@ -96,9 +99,12 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         rows = x.reshape(-1, self.in_features)
-        if int8_kernel_fits(self.in_features, x.device):
+        if len(rows) <= KERNEL_MAX_ROWS and int8_kernel_fits(self.in_features, x.device):
+            # a few rows (generating): reading the weights is the work, and int8 is a quarter of the bytes
             y = torch._weight_int8pack_mm(rows.to(torch.bfloat16).contiguous(), self.weight_int8, self.scale).to(x.dtype)
-        else:  # correct everywhere, fast nowhere: the float matrix is rebuilt for each product
+        else:
+            # many rows (reading a prompt): arithmetic is the work, and the kernel is slow at it, so the
+            # float matrix is rebuilt once for all the rows (this is also the path for other devices)
             y = F.linear(rows, self.weight_int8.to(x.dtype) * self.scale.to(x.dtype)[:, None])
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)

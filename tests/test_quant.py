@@ -70,12 +70,13 @@ def test_row_quantization_is_within_half_a_step():
     assert (rebuilt[3] == 0).all()
 
 
-@pytest.mark.parametrize("in_features", [64, 40])  # 64: the int8 kernel; 40: the dequantizing fallback
-def test_int8_linear_matches_the_float_layer_it_came_from(in_features):
+# 64 x 3 rows: the int8 kernel; 40 (not a multiple of 16): the dequantizing path; 64 x 40 rows: a prompt
+@pytest.mark.parametrize("in_features, rows", [(64, 3), (40, 3), (64, 40)])
+def test_int8_linear_matches_the_float_layer_it_came_from(in_features, rows):
     torch.manual_seed(0)
     linear = torch.nn.Linear(in_features, 48)
     int8 = Int8Linear.from_linear(linear)
-    x = torch.randn(3, 5, in_features)
+    x = torch.randn(rows, 5, in_features)
     with torch.no_grad():
         expected = linear(x)
         got = int8(x)

@@ -536,10 +536,12 @@ def real_inputs(cfg, directory):
     return file, inputs
 
 
-def peak_memory_mb():
-    try:  # VmHWM: this process's own peak (getrusage can report a parent's)
+def peak_memory_mb(field="VmHWM"):
+    """This process's peak memory (VmHWM: getrusage can report a parent's), or with
+    field="VmRSS" what it holds now."""
+    try:
         with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+            return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
     except (OSError, StopIteration):
         import resource
 
@@ -645,13 +647,13 @@ def real_figures(program, model, inputs_file, new_tokens, repeats):
     timed_tokens(generate(short, 8))  # warm-up: allocations, caches
     rates = [timed_tokens(generate(short, new_tokens))[1] for _ in range(repeats)]
     firsts = [timed_tokens(generate(long_prompt, 1))[0] for _ in range(repeats)]
-    peak = peak_memory_mb()  # before scoring, which holds a window's logits for every position
+    peak, resident = peak_memory_mb(), peak_memory_mb("VmRSS")  # before scoring, which holds every position's logits
     nats = 0.0
     for window in windows:
         logits = window_logits(window)[:-1]
         nats += F.cross_entropy(logits, torch.tensor(window[1:]), reduction="sum").item()
     print(json.dumps({"tokens_per_s": statistics.median(rates), "first_token_s": statistics.median(firsts),
-                      "peak_mb": peak, "load_s": load_seconds,
+                      "peak_mb": peak, "resident_mb": resident, "load_s": load_seconds,
                       "bits_per_byte": nats / math.log(2) / inputs["scored_bytes"]}))
 
 
@@ -687,7 +689,8 @@ def bench_real(cfg, rows):
         rows.append((f"{model_name}: {names[program]}", f"greedy tokens/s, {cfg.real_tokens} new", f["tokens_per_s"], "tok/s"))
         rows.append((f"{model_name}: {names[program]}", f"first token of a {len(inputs['long_prompt'])}-token prompt",
                      f["first_token_s"], "s"))
-        rows.append((f"{model_name}: {names[program]}", "peak memory (process)", f["peak_mb"], "MiB"))
+        rows.append((f"{model_name}: {names[program]}", "peak memory (process, loading included)", f["peak_mb"], "MiB"))
+        rows.append((f"{model_name}: {names[program]}", "memory held while generating", f["resident_mb"], "MiB"))
         rows.append((f"{model_name}: {names[program]}", f"bits per byte, {len(inputs['windows']) * BPB_WINDOW} tokens "
                      f"of {os.path.basename(inputs['bpb_text'])}", f["bits_per_byte"], "bpb"))
     ours = figures["ours"]["tokens_per_s"]

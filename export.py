@@ -3,6 +3,7 @@ or as a Hugging Face model folder that transformers loads.
 
     python export.py --out_dir=out                 # out/ckpt.pt -> out/model.bin
     python run.py out/model.bin --prompt="def "    # no torch needed from here on
+    python export.py --out_dir=out --quant=q8_0   # 8-bit matrices (model.bin version 3): 0.27x the size
     python export.py --out_dir=out --format=hf --output=my-model   # AutoModelForCausalLM.from_pretrained("my-model")
     python export.py --out_dir=out-lora --format=peft --output=adapter   # a LoRA run's adapter for peft
 

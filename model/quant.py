@@ -147,4 +147,19 @@ def quantize_model(model, kind):
                 setattr(module, name, Int8Linear.from_linear(child))
     if tied:  # the output layer is the embedding's matrix: the same int8 numbers and scales
         model.lm_head = Int8Linear(model.wte.weight_int8, model.wte.scale)
+    release_freed_memory()
     return model
+
+
+def release_freed_memory():
+    """Hand the float weights' freed memory back to the system. glibc's malloc keeps freed
+    blocks for reuse, so without this a quantized model holds as much memory as the float one
+    (bench.py measured 1.2 GB against 0.46 GB after trimming, for SmolLM2-135M)."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # another C library (musl): nothing to trim this way
+            pass

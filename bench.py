@@ -718,6 +718,8 @@ def machine_description(device):
 
 def print_table(rows, machine):
     print(f"machine: {machine}")
+    if not rows:
+        return
     widths = [max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)]
     print(f"{'measurement':<{widths[0]}}  {'setting':<{widths[1]}}  {'value':>12}  unit")
     for what, setting, value, unit in rows:

@@ -30,6 +30,11 @@ What it measures:
   rag        rag.py's search over 10^4 and 10^5 chunks: the vector index (a float32 matrix of
              384-dimensional unit rows times the query, then the top 5) and BM25 (chunks of the
              standard library's source, repeated to the count), with the memory each needs
+  real       a real model (--model=hf:<folder> or <file>.gguf): our generation in float32 and with
+             8-bit weights (--quant=q8_0), transformers' generate on the same weights and, when
+             llama-cpp-python is installed, llama.cpp on the GGUF files given by --gguf: greedy
+             tokens/s after the first token, time to the first token of a 500-token prompt,
+             peak memory, and bits per byte on held-out text (--text), each program in its own process
 Every figure is the median of several repeats after a warm-up; ratios compare figures from
 this same run, never numbers from elsewhere.
 """
@@ -47,6 +52,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from model.cli import field, main_guard, parse_config, resolve_device
 from model.errors import UserError
@@ -54,8 +60,8 @@ from model.checkpoint import checkpoint_of, save_checkpoint
 from model.gpt import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-USAGE = "usage: python bench.py [--sections=train,generate,runpy,tokenizer,hf,gguf,lora,recipe,rag] [--json] [--field=value ...]"
-SECTIONS = ("train", "generate", "runpy", "tokenizer", "hf", "gguf", "lora", "recipe", "rag")
+USAGE = "usage: python bench.py [--sections=train,generate,runpy,tokenizer,hf,gguf,lora,recipe,rag,real] [--json] [--field=value ...]"
+SECTIONS = ("train", "generate", "runpy", "tokenizer", "hf", "gguf", "lora", "recipe", "rag", "real")
 
 # The training shapes of the CPU benchmark: the Shakespeare CPU recipe's model, and the
 # well-known GPU recipe's model at a short batch.
@@ -84,6 +90,13 @@ class BenchConfig:
     recipe_dataset: str = field("shakespeare_char", "recipe: the prepared character-level data set")
     recipe_seeds: int = field(1, "recipe: runs per variant with different seeds (mean and spread reported)")
     recipe_variants: str = field("", "recipe: comma-separated variant names to run ('' = all)")
+    model: str = field("", "real: the model, hf:<folder or owner/name> or <file>.gguf")
+    gguf: str = field("", "real: comma-separated GGUF files for llama.cpp to run (e.g. its F32, Q8_0 and Q4_1 files)")
+    text: str = field("", "real: held-out text for bits per byte and the long prompt ('' = the LICENSE.txt "
+                      "that ships with Python)")
+    real_tokens: int = field(128, "real: greedy tokens generated per repeat")
+    prompt_tokens: int = field(500, "real: length of the prompt whose time to first token is measured")
+    bpb_tokens: int = field(2048, "real: tokens of the held-out text scored for bits per byte (windows of 512)")
     json: bool = field(False, "print the figures as JSON instead of a table")
 
 
@@ -559,6 +572,210 @@ def bench_rag(cfg, rows):
         rows.append(("rag bm25 search (13-word question, top 5)", f"{n:,} chunks of 200 tokens", seconds * 1000, "ms"))
 
 
+# ---- a real model against transformers and llama.cpp -------------------------------------------
+
+BPB_WINDOW = 512  # tokens per scored window of the held-out text (each scored from its own start)
+
+
+def real_inputs(cfg, directory):
+    """The token ids every program gets (our tokenizer's, so all of them read exactly the same
+    ids): a short prompt to generate from, a prompt_tokens-long prompt, and the held-out windows,
+    with the bytes those windows' scored tokens stand for. Written to a JSON file for the probes."""
+    import sysconfig
+
+    from model.checkpoint import load_model
+
+    path = cfg.text or os.path.join(sysconfig.get_paths()["stdlib"], "LICENSE.txt")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read --text={path}: {getattr(e, 'strerror', None) or e}") from None
+    _, tokenizer, _ = load_model(cfg.model, None)
+    ids = tokenizer.encode(text)
+    if len(ids) < max(cfg.prompt_tokens, 2 * BPB_WINDOW):
+        raise UserError(f"--text={path} has {len(ids)} tokens; the real section needs at least "
+                        f"{max(cfg.prompt_tokens, 2 * BPB_WINDOW)}")
+    scored = ids[:max(BPB_WINDOW, min(cfg.bpb_tokens, len(ids)) // BPB_WINDOW * BPB_WINDOW)]
+    windows = [scored[i:i + BPB_WINDOW] for i in range(0, len(scored), BPB_WINDOW)]
+    inputs = {"short_prompt": tokenizer.encode_prompt("The three most useful things to know about the sea are"),
+              "long_prompt": ids[-cfg.prompt_tokens:],  # the text's end: not among the scored windows
+              "windows": windows,
+              "scored_bytes": sum(len(tokenizer.token_bytes(i)) for window in windows for i in window[1:]),
+              "bpb_text": path}
+    file = os.path.join(directory, "inputs.json")
+    with open(file, "w") as f:
+        json.dump(inputs, f)
+    return file, inputs
+
+
+def peak_memory_mb(field="VmHWM"):
+    """This process's peak memory (VmHWM: getrusage can report a parent's), or with
+    field="VmRSS" what it holds now."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed_tokens(tokens):
+    """(seconds to the first token, tokens/s after it) of an iterator of new tokens."""
+    started = time.perf_counter()
+    stamps = [time.perf_counter() for _ in tokens]
+    rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+    return stamps[0] - started, rate
+
+
+def real_figures(program, model, inputs_file, new_tokens, repeats):
+    """Run in a process of its own (peak memory is per process): one program on the real model.
+    program: "ours" | "ours q8_0" | "transformers" | "llama.cpp <file.gguf>". Prints JSON with
+    tokens/s, time to first token of the long prompt, peak memory and bits per byte."""
+    with open(inputs_file) as f:
+        inputs = json.load(f)
+    short, long_prompt, windows = inputs["short_prompt"], inputs["long_prompt"], inputs["windows"]
+    started = time.perf_counter()
+    if program.startswith("ours"):
+        from model.checkpoint import load_model
+
+        ours, _, _ = load_model(model, None, quant="q8_0" if program.endswith("q8_0") else "")
+        ours.eval()
+
+        def generate(ids, count):
+            return ours.generate(ids, count, temperature=0)
+
+        def window_logits(window):
+            with torch.no_grad():
+                return ours(torch.tensor([window]))[0][0].float()
+    elif program == "transformers":
+        from transformers import AutoModelForCausalLM
+
+        from model.hf import resolve_hf_folder
+
+        if model.endswith(".gguf"):  # transformers reads (and dequantizes) a GGUF file itself
+            theirs = AutoModelForCausalLM.from_pretrained(os.path.dirname(model) or ".", gguf_file=os.path.basename(model),
+                                                          dtype=torch.float32)
+        else:
+            theirs = AutoModelForCausalLM.from_pretrained(resolve_hf_folder(model[len("hf:"):]), dtype=torch.float32)
+        theirs.eval()
+
+        def generate(ids, count):
+            import queue
+            import threading
+
+            # transformers' streamer hook hands over each new token as it is made
+            tokens, done = queue.Queue(), object()
+
+            class Streamer:
+                prompt_seen = False
+
+                def put(self, value):
+                    if self.prompt_seen:
+                        tokens.put(int(value.reshape(-1)[0]))
+                    self.prompt_seen = True
+
+                def end(self):
+                    tokens.put(done)
+
+            def work():
+                with torch.no_grad():
+                    theirs.generate(torch.tensor([ids]), max_new_tokens=count, min_new_tokens=count, do_sample=False,
+                                    streamer=Streamer(), pad_token_id=0)
+            thread = threading.Thread(target=work)
+            thread.start()
+            while (token := tokens.get()) is not done:
+                yield token
+            thread.join()
+
+        def window_logits(window):
+            with torch.no_grad():
+                return theirs(torch.tensor([window])).logits[0].float()
+    else:
+        import llama_cpp
+
+        path = program.split(" ", 1)[1]
+        threads = torch.get_num_threads()
+        llm = llama_cpp.Llama(model_path=path, n_ctx=2048, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                              verbose=False)
+
+        def generate(ids, count):
+            llm.reset()  # else it would reuse the cache of a prompt it has seen: no prefill to time
+            for index, token in enumerate(llm.generate(ids, temp=0.0, top_k=1, reset=True)):
+                yield token
+                if index + 1 == count:
+                    return
+
+        scorer = []
+
+        def window_logits(window):
+            if not scorer:  # a second instance that keeps every position's logits
+                scorer.append(llama_cpp.Llama(model_path=path, n_ctx=BPB_WINDOW, n_batch=BPB_WINDOW, n_threads=threads,
+                                              logits_all=True, verbose=False))
+            scorer[0].reset()
+            scorer[0].eval(window)
+            return torch.from_numpy(scorer[0].scores[:len(window)].copy())
+    load_seconds = time.perf_counter() - started
+    timed_tokens(generate(short, 8))  # warm-up: allocations, caches
+    rates = [timed_tokens(generate(short, new_tokens))[1] for _ in range(repeats)]
+    firsts = [timed_tokens(generate(long_prompt, 1))[0] for _ in range(repeats)]
+    peak, resident = peak_memory_mb(), peak_memory_mb("VmRSS")  # before scoring, which holds every position's logits
+    nats = 0.0
+    for window in windows:
+        logits = window_logits(window)[:-1]
+        nats += F.cross_entropy(logits, torch.tensor(window[1:]), reduction="sum").item()
+    print(json.dumps({"tokens_per_s": statistics.median(rates), "first_token_s": statistics.median(firsts),
+                      "peak_mb": peak, "resident_mb": resident, "load_s": load_seconds,
+                      "bits_per_byte": nats / math.log(2) / inputs["scored_bytes"]}))
+
+
+def bench_real(cfg, rows):
+    if not cfg.model:
+        print("real: no model given; pass --model=hf:<folder> or --model=<file>.gguf (and --gguf=<files> for "
+              "llama.cpp), e.g. --model=hf:HuggingFaceTB/SmolLM2-135M-Instruct", file=sys.stderr)
+        return
+    programs = ["ours", "ours q8_0", "transformers"]
+    gguf_files = [os.path.expanduser(p.strip()) for p in cfg.gguf.split(",") if p.strip()]
+    if cfg.model.endswith(".gguf") and not gguf_files:
+        gguf_files = [cfg.model]
+    try:
+        import llama_cpp  # noqa: F401  (not a requirement: see README.md)
+
+        programs += [f"llama.cpp {path}" for path in gguf_files]
+    except ImportError:
+        if gguf_files:
+            print("real: llama_cpp does not import, so llama.cpp is not measured (pip install llama-cpp-python)",
+                  file=sys.stderr)
+    with tempfile.TemporaryDirectory() as directory:
+        inputs_file, inputs = real_inputs(cfg, directory)
+        figures = {}
+        for program in programs:
+            code = (f"import bench; bench.real_figures({program!r}, {cfg.model!r}, {inputs_file!r}, "
+                    f"{cfg.real_tokens}, {cfg.repeats})")
+            figures[program] = json.loads(run_command([sys.executable, "-c", code], program).stdout.strip().splitlines()[-1])
+    names = {"ours": "sample.py float32", "ours q8_0": "sample.py --quant=q8_0", "transformers": "transformers float32"}
+    names.update({p: f"llama.cpp {os.path.basename(p.split(' ', 1)[1])}" for p in programs if p.startswith("llama.cpp")})
+    model_name = os.path.basename(cfg.model.rstrip("/"))
+    for program in programs:
+        f = figures[program]
+        rows.append((f"{model_name}: {names[program]}", f"greedy tokens/s, {cfg.real_tokens} new", f["tokens_per_s"], "tok/s"))
+        rows.append((f"{model_name}: {names[program]}", f"first token of a {len(inputs['long_prompt'])}-token prompt",
+                     f["first_token_s"], "s"))
+        rows.append((f"{model_name}: {names[program]}", "peak memory (process, loading included)", f["peak_mb"], "MiB"))
+        rows.append((f"{model_name}: {names[program]}", "memory held while generating", f["resident_mb"], "MiB"))
+        rows.append((f"{model_name}: {names[program]}", f"bits per byte, {len(inputs['windows']) * BPB_WINDOW} tokens "
+                     f"of {os.path.basename(inputs['bpb_text'])}", f["bits_per_byte"], "bpb"))
+    ours = figures["ours"]["tokens_per_s"]
+    rows.append(("float32 here vs transformers", "tokens/s (goal >= 1.5)", ours / figures["transformers"]["tokens_per_s"], "x"))
+    rows.append(("q8_0 here vs float32 here", "tokens/s (goal >= 2)", figures["ours q8_0"]["tokens_per_s"] / ours, "x"))
+    for program in programs:
+        if program.startswith("llama.cpp"):
+            rows.append((f"float32 here vs {names[program]}", "tokens/s", ours / figures[program]["tokens_per_s"], "x"))
+            rows.append((f"q8_0 here vs {names[program]}", "tokens/s",
+                         figures["ours q8_0"]["tokens_per_s"] / figures[program]["tokens_per_s"], "x"))
+
+
 def machine_description(device):
     cpu = platform.processor() or platform.machine()
     try:
@@ -574,11 +791,13 @@ def machine_description(device):
 
 def print_table(rows, machine):
     print(f"machine: {machine}")
+    if not rows:
+        return
     widths = [max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)]
     print(f"{'measurement':<{widths[0]}}  {'setting':<{widths[1]}}  {'value':>12}  unit")
     for what, setting, value, unit in rows:
         # (losses differ in the third decimal; other figures need no more than two)
-        shown = f"{value:.3f}" if unit == "nats" else f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
+        shown = f"{value:.3f}" if unit in ("nats", "bpb") else f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
         print(f"{what:<{widths[0]}}  {setting:<{widths[1]}}  {shown:>12}  {unit}")
 
 
@@ -610,6 +829,8 @@ def main():
         bench_recipe(cfg, device, rows)
     if "rag" in sections:
         bench_rag(cfg, rows)
+    if "real" in sections:
+        bench_real(cfg, rows)
     machine = machine_description(device)
     if cfg.json:
         print(json.dumps({"machine": machine, "config": dataclasses.asdict(cfg),

@@ -189,7 +189,7 @@ def main():
         if not cfg.prompt.strip():
             raise UserError("--prompt is empty: give the user's message (or leave --prompt out to chat)")
     model, tokenizer, source = load_model(cfg.init_from, cfg.out_dir, device=device,
-                                          dtype=pick_dtype(cfg.dtype, device.split(":")[0]))
+                                          dtype=pick_dtype(cfg.dtype, device.split(":")[0]), quant=cfg.quant)
     model.eval()
     if device == "cpu":
         model.use_cpu_decoding_layout()

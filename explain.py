@@ -519,7 +519,7 @@ def explain(cfg):
     """Everything asked for, as one JSON-able dict (the tables are printed from it)."""
     device = resolve_device(cfg.device)
     model, tokenizer, source = load_model(cfg.init_from, cfg.out_dir, device=device,
-                                          dtype=pick_dtype(cfg.dtype, device.split(":")[0]))
+                                          dtype=pick_dtype(cfg.dtype, device.split(":")[0]), quant=cfg.quant)
     lora_checkpoint = {}
     if cfg.compare_base:
         if source["step"] is not None:  # a checkpoint trained here: it may hold an adapter

@@ -3,6 +3,7 @@ as a Hugging Face model folder that transformers loads, or as a GGUF file for ll
 
     python export.py --out_dir=out                 # out/ckpt.pt -> out/model.bin
     python run.py out/model.bin --prompt="def "    # no torch needed from here on
+    python export.py --out_dir=out --quant=q8_0   # 8-bit matrices (model.bin version 3): 0.27x the size
     python export.py --out_dir=out --format=hf --output=my-model   # AutoModelForCausalLM.from_pretrained("my-model")
     python export.py --out_dir=out-lora --format=peft --output=adapter   # a LoRA run's adapter for peft
     python export.py --out_dir=out --format=gguf --output=out/model.gguf --quant=q8_0   # llama.cpp, ollama
@@ -11,7 +12,8 @@ A LoRA run's out_dir exports the merged model (its base with the adapter added i
 --format=peft the adapter alone.
 
 The file holds a small header (the model's sizes), the tokenizer (every token's bytes),
-then every weight as little-endian float32, in the order run.weight_layout lists them.
+then every weight as little-endian float32 (with --quant=q8_0: every matrix as int8 groups
+of 32 and their float16 scales), in the order run.weight_layout lists them.
 The layout is defined once, by its reader, so the two can never disagree. README.md
 describes the format byte by byte.
 """
@@ -30,10 +32,12 @@ from model.checkpoint import is_imported, load_checkpoint, load_model
 from model.cli import field, main_guard, parse_config
 from model.errors import UserError
 from model.files import atomic_write
+from model.quant import check_quant, quantize_groups
 from model.tokenizer import GPT2_SPLIT_PATTERN, split_rule_of
 # run.py must stay standalone (numpy alone), so the file layout's one home is run.py, its reader:
 # this writer imports it from there and the two can never disagree.
-from run import ACTIVATIONS, ARCHS, HEADER, MAGIC, TOKENIZER_KINDS, VERSION, Config, Tokenizer, weight_layout
+from run import (ACTIVATIONS, ARCHS, GROUP_SIZE, HEADER, MAGIC, TOKENIZER_KINDS, VERSION, VERSION_8BIT, Config,
+                 Tokenizer, weight_layout)
 
 USAGE = "usage: python export.py [--out_dir=out] [--init_from=resume] [--format=bin|hf|peft|gguf] [--output=out/model.bin] [--quant=q8_0]"
 FORMATS = ("bin", "hf", "peft", "gguf")
@@ -50,8 +54,9 @@ class ExportConfig:
                         "peft (a LoRA run's adapter alone, for the peft library) | gguf (one file for llama.cpp and ollama)")
     output: str = field("", "file (bin, gguf) or folder (hf, peft) to write ('' = model.bin, hf/, adapter/ or "
                         "model.gguf next to the checkpoint)")
-    quant: str = field("", "how the weights are stored: '' = float32; for gguf f32 | f16 | q8_0 | q4_0 (blocks of 32 "
-                       "numbers sharing one scale, 8 or 4 bits each)")
+    quant: str = field("", "how the weights are stored. bin: '' = float32 (format version 2) | q8_0 = every matrix, "
+                       "the embedding too, as int8 groups of 32 with a float16 scale each (version 3, 0.27x the size); "
+                       "gguf: f32 (= '') | f16 | q8_0 | q4_0 (blocks of 32 numbers sharing one scale, 8 or 4 bits each)")
 
 
 def length_prefixed(data: bytes) -> bytes:
@@ -116,12 +121,18 @@ def tokenizer_section(tokenizer, vocab_size):
     return section + struct.pack(f"<I{2 * len(merges)}I", len(merges), *(i for pair in merges for i in pair))
 
 
-def export_model(model, tokenizer, path):
-    """Write the model and its tokenizer to `path` atomically (temporary file, then rename)."""
+def export_model(model, tokenizer, path, quant=""):
+    """Write the model and its tokenizer to `path` atomically (temporary file, then rename).
+    quant="q8_0": every matrix as int8 groups and float16 scales (format version 3)."""
     config = file_config(model)
     if tokenizer.vocab_size > config.vocab_size:
         raise UserError(f"the checkpoint's tokenizer has {tokenizer.vocab_size} ids but the model only {config.vocab_size}")
-    header = HEADER.pack(MAGIC, VERSION, ARCHS.index(config.arch), config.vocab_size, config.block_size,
+    layout = weight_layout(config)
+    if quant and any(len(shape) == 2 and shape[1] % GROUP_SIZE for _, shape in layout):
+        raise UserError(f"--quant={quant} stores groups of {GROUP_SIZE} numbers, and this model has rows of "
+                        f"{', '.join(sorted({str(s[1]) for _, s in layout if len(s) == 2 and s[1] % GROUP_SIZE}))}")
+    version = VERSION_8BIT if quant else VERSION
+    header = HEADER.pack(MAGIC, version, ARCHS.index(config.arch), config.vocab_size, config.block_size,
                          config.n_layer, config.n_head, config.n_kv_head, config.n_embd, config.head_size,
                          config.mlp_hidden, config.tie_embeddings, ACTIVATIONS.index(config.mlp_activation),
                          config.qk_norm, config.norm_eps, config.logit_softcap)
@@ -132,12 +143,16 @@ def export_model(model, tokenizer, path):
     state = {**model.state_dict(), "rope.inv_freq": gpt.rope_frequencies(model.config)}
     with atomic_write(path) as f:
         f.write(header)
-        for name, shape in weight_layout(config):
-            tensor = state[name]
+        for name, shape in layout:
+            tensor = state[name].detach().to(torch.float32).cpu()
             if name in ("wte.weight", "lm_head.weight"):
                 tensor = tensor[:config.vocab_size]  # the padded rows are never scored: leave them out
             assert tuple(tensor.shape) == shape, (name, tuple(tensor.shape), shape)
-            f.write(tensor.detach().to(torch.float32).cpu().numpy().astype("<f4").tobytes())
+            if quant and len(shape) == 2:  # a matrix: its int8 values, then its scales
+                values, scales = quantize_groups(tensor)
+                f.write(values.numpy().tobytes() + scales.numpy().astype("<f2").tobytes())
+            else:
+                f.write(tensor.numpy().astype("<f4").tobytes())
 
 
 def export_peft(checkpoint, folder):
@@ -178,8 +193,10 @@ def main():
     cfg = parse_config(ExportConfig, sys.argv[1:], USAGE)
     if cfg.format not in FORMATS:
         raise UserError(f"--format must be {', '.join(FORMATS[:-1])} or {FORMATS[-1]}, not {cfg.format!r}")
-    if cfg.quant and cfg.format != "gguf":
-        raise UserError(f"--quant is for --format=gguf; --format={cfg.format} writes float32")
+    if cfg.quant and cfg.format in ("hf", "peft"):
+        raise UserError(f"--quant is for --format=bin or gguf; --format={cfg.format} writes float32")
+    if cfg.format == "bin":
+        check_quant(cfg.quant)
     if cfg.format == "peft":
         export_adapter(cfg)
         return
@@ -216,11 +233,12 @@ def main():
     if os.path.isdir(output):
         raise UserError(f"--output={output} is a folder; give a file name such as {os.path.join(output, 'model.bin')}")
     try:
-        export_model(model, tokenizer, output)
+        export_model(model, tokenizer, output, cfg.quant)
     except OSError as e:
         raise UserError(f"cannot write {output}: {e.strerror}") from None
     n_params = sum(math.prod(shape) for _, shape in weight_layout(file_config(model)))
-    print(f"wrote {output}: {model.config.arch}, {n_params:,} float32 parameters, "
+    precision = "float32 parameters" if not cfg.quant else "parameters, matrices in 8 bits (q8_0)"
+    print(f"wrote {output}: {model.config.arch}, {n_params:,} {precision}, "
           f"{os.path.getsize(output) / 1e6:.2f} MB, "
           f"{tokenizer.kind} tokenizer with {tokenizer.vocab_size:,} tokens")
     print(f"run it with numpy alone: python run.py {output} --prompt=\"...\"")

@@ -288,7 +288,7 @@ class Answerer:
 
         device = resolve_device(cfg.device)
         self.model, self.tokenizer, self.source = load_model(cfg.init_from, cfg.out_dir, device=device,
-                                                             dtype=pick_dtype(cfg.dtype, device.split(":")[0]))
+                                                             dtype=pick_dtype(cfg.dtype, device.split(":")[0]), quant=cfg.quant)
         self.model.eval()
         self.cfg, self.device = cfg, device
         block_size = self.model.config.block_size

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC, VERSION = b"GPTMODEL", 2  # version 1 files (before grouped-query attention) still load
+VERSION_8BIT = 3  # version 2's layout with every matrix as int8 groups and float16 scales
+GROUP_SIZE = 32  # numbers per scale in a version 3 file (llama.cpp's Q8_0 block)
 ARCHS, TOKENIZER_KINDS, ACTIVATIONS = ("gpt2", "llama"), ("char", "bpe", "gpt2", "hf"), ("gelu", "swiglu", "relu2")
 # after magic and version: arch, vocab_size, block_size, n_layer, n_head, n_kv_head, n_embd, head_size,
 # mlp_hidden, tie_embeddings, mlp_activation, qk_norm, norm_eps, logit_softcap
@@ -96,6 +98,15 @@ def weight_layout(config, version=VERSION):
     if not config.tie_embeddings:
         layout.append(("lm_head.weight", (config.vocab_size, C)))  # an output layer of its own
     return layout
+
+
+def stored_bytes(shape, version=VERSION):
+    """Bytes a tensor takes in the file: float32, or in version 3 a matrix's int8 values plus a
+    float16 scale per group of GROUP_SIZE numbers of a row."""
+    count = math.prod(shape)
+    if version == VERSION_8BIT and len(shape) == 2:
+        return count + 2 * (count // GROUP_SIZE)
+    return 4 * count
 
 
 # ---- the tokenizer ---------------------------------------------------------------------------
@@ -205,6 +216,7 @@ class Model:
     config: Config
     tokenizer: "Tokenizer"
     weights: dict
+    version: int = VERSION  # the file's format version (3: the matrices were stored in 8 bits)
 
 
 def load_model(path):
@@ -229,8 +241,9 @@ def load_model(path):
         return read(f"<{read('<I')[0]}s")[0]
 
     (version,) = read("<I")
-    if version not in (1, VERSION):
-        raise BadInput(f"{path} has format version {version}; this run.py reads versions 1 and {VERSION}")
+    if version not in (1, VERSION, VERSION_8BIT):
+        raise BadInput(f"{path} has format version {version}; this run.py reads versions 1, {VERSION} "
+                       f"and {VERSION_8BIT}")
     if version == 1:  # every head is a key/value head, head_size = n_embd / n_head, tied embeddings
         arch, vocab_size, block_size, n_layer, n_head, n_embd, mlp_hidden, norm_eps, rope_theta = read("<7I2f")
         sizes = [vocab_size, block_size, n_layer, n_head, n_head, n_embd, n_embd // n_head if n_head else 0, mlp_hidden]
@@ -277,18 +290,29 @@ def load_model(path):
 
     position = (position + 63) // 64 * 64  # the weights start 64-byte aligned
     layout = weight_layout(config, version)
-    expected = position + 4 * sum(math.prod(shape) for _, shape in layout)
+    if version == VERSION_8BIT and any(len(shape) == 2 and shape[1] % GROUP_SIZE for _, shape in layout):
+        raise impossible  # export.py writes 8 bits only for rows that are whole groups
+    expected = position + sum(stored_bytes(shape, version) for _, shape in layout)
     if size != expected:
         raise BadInput(f"{path} has {size:,} bytes but its header promises {expected:,} (truncated or corrupt)")
     weights = {}
-    for name, shape in layout:  # views into the memory-mapped file, not copies
-        count = math.prod(shape)
-        weights[name] = np.frombuffer(data, dtype="<f4", count=count, offset=position).reshape(shape)
-        position += 4 * count
+    for name, shape in layout:
+        if version == VERSION_8BIT and len(shape) == 2:
+            # int8 values, then one float16 scale per group: the float32 matrix is rebuilt here, once
+            # (measured faster than rebuilding each matrix whenever it multiplies; see README.md)
+            rows, cols = shape
+            values = np.frombuffer(data, dtype=np.int8, count=rows * cols, offset=position)
+            scales = np.frombuffer(data, dtype="<f2", count=rows * cols // GROUP_SIZE, offset=position + rows * cols)
+            groups = (values.reshape(rows, cols // GROUP_SIZE, GROUP_SIZE)
+                      * scales.astype(np.float32).reshape(rows, cols // GROUP_SIZE, 1))
+            weights[name] = groups.reshape(rows, cols)
+        else:  # float32: a view into the memory-mapped file, not a copy
+            weights[name] = np.frombuffer(data, dtype="<f4", count=math.prod(shape), offset=position).reshape(shape)
+        position += stored_bytes(shape, version)
     if version == 1 and config.arch == "llama":  # version 1 stored rope_theta, not the frequencies
         half = config.head_size // 2
         weights["rope.inv_freq"] = 1.0 / (rope_theta ** (np.arange(half, dtype=np.float32) / half))
-    return Model(config, tokenizer, weights)
+    return Model(config, tokenizer, weights, version)
 
 
 # ---- the forward pass ---------------------------------------------------------------------------
@@ -488,7 +512,8 @@ def main(argv=None):
     tokenizer = model.tokenizer
     prompt_ids, prompt_text = read_prompt(args.prompt, tokenizer)
     n_params, block_size = sum(w.size for w in model.weights.values()), model.config.block_size
-    print(f"model: {model.config.arch}, {n_params:,} parameters, {tokenizer.kind} tokenizer; prompt: "
+    stored = ", stored in 8 bits" if model.version == VERSION_8BIT else ""
+    print(f"model: {model.config.arch}, {n_params:,} parameters{stored}, {tokenizer.kind} tokenizer; prompt: "
           f"{len(prompt_ids)} tokens" + (f" (cropped to the last {block_size})" if len(prompt_ids) > block_size else ""),
           file=sys.stderr)
     sys.stdout.write(prompt_text)

@@ -44,12 +44,13 @@ def main():
     check_config(cfg)
     device = resolve_device(cfg.device)
     model, tokenizer, source = load_model(cfg.init_from, cfg.out_dir, device=device,
-                                          dtype=pick_dtype(cfg.dtype, device.split(":")[0]))
+                                          dtype=pick_dtype(cfg.dtype, device.split(":")[0]), quant=cfg.quant)
     model.eval()
     prompt_ids, prompt_text = read_prompt(cfg.prompt, tokenizer, source["sample_prompt"])
     block_size = model.config.block_size
     origin = f"step {source['step']}" if source["step"] is not None else source["init_from"]
-    print(f"model: {model.num_params():,} parameters, {origin}, "
+    weights = " in 8 bits (q8_0)" if cfg.quant else ""
+    print(f"model: {model.num_params():,} parameters{weights}, {origin}, "
           f"{tokenizer.kind} tokenizer; prompt: {len(prompt_ids)} tokens"
           + (f" (cropped to the last {block_size})" if len(prompt_ids) > block_size else ""), file=sys.stderr)
 

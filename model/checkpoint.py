@@ -15,6 +15,7 @@ from model.files import atomic_write
 from model import lora
 from model.gpt import GPT, GPTConfig
 from model.hf import GPT2_SIZES
+from model.quant import quantize_model
 from model.tokenizer import tokenizer_from_dict
 
 REQUIRED_KEYS = ("model", "model_config", "tokenizer", "config", "step")
@@ -98,9 +99,10 @@ def is_imported(init_from):
     return init_from in GPT2_SIZES or init_from.startswith("hf:") or is_gguf(init_from)
 
 
-def load_model(init_from, out_dir, device="cpu", dtype=None):
+def load_model(init_from, out_dir, device="cpu", dtype=None, quant=""):
     """The one way the scripts get a model: (model, tokenizer, source), the weights in `dtype`
-    (None: float32, as trained and as files store them).
+    (None: float32, as trained and as files store them), and with quant="q8_0" the weight
+    matrices and embedding in 8 bits (model/quant.py: for generation and evaluation, not training).
 
     init_from: "resume" (out_dir/ckpt.pt, or out_dir itself when it is a file), a path to a
     ckpt.pt, gpt2 | gpt2-medium | gpt2-large | gpt2-xl (OpenAI's weights on the Hugging Face
@@ -115,20 +117,20 @@ def load_model(init_from, out_dir, device="cpu", dtype=None):
 
         folder = resolve_hf_folder(init_from[len("hf:"):])
         model, tokenizer = load_hf_model(folder)
-        return cast_weights(model.to(device), dtype), tokenizer, {"init_from": init_from, "step": None, "path": folder,
-                                                            "sample_prompt": None}
+        model = quantize_model(cast_weights(model.to(device), dtype), quant)
+        return model, tokenizer, {"init_from": init_from, "step": None, "path": folder, "sample_prompt": None}
     if is_gguf(init_from):
         from model.gguf import load_gguf_model
 
         model, tokenizer = load_gguf_model(init_from)
-        return cast_weights(model.to(device), dtype), tokenizer, {"init_from": init_from, "step": None,
-                                                                  "path": init_from, "sample_prompt": None}
+        model = quantize_model(cast_weights(model.to(device), dtype), quant)
+        return model, tokenizer, {"init_from": init_from, "step": None, "path": init_from, "sample_prompt": None}
     path = out_dir if init_from == "resume" else init_from
     checkpoint = load_checkpoint(path, map_location="cpu")
     model, tokenizer = model_from_checkpoint(checkpoint, device=device)
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
-    return cast_weights(model, dtype), tokenizer, {"init_from": init_from, "step": checkpoint["step"], "path": path,
+    return quantize_model(cast_weights(model, dtype), quant), tokenizer, {"init_from": init_from, "step": checkpoint["step"], "path": path,
                                           "sample_prompt": checkpoint["config"].get("sample_prompt")}
 
 

@@ -124,9 +124,14 @@ class SamplingOptions:
     seed: int = field(1337, "random seed: the same seed gives the same text")
     device: str = field("auto", "auto | cpu | cuda | cuda:N | mps")
     dtype: str = field("auto", "the weights' precision: auto (bfloat16 on CUDA, else float32) | float32 | bfloat16 | float16")
+    quant: str = field("", "q8_0: weight matrices and embedding in 8 bits (int8, one scale per row), quantized at "
+                       "load: a quarter of the memory, faster generation ('' = as --dtype)")
 
 
 def check_sampling_options(cfg):
+    from model.quant import check_quant
+
+    check_quant(cfg.quant)
     if cfg.temperature < 0:
         raise UserError(f"--temperature must be 0 or more, got {cfg.temperature}")
     if cfg.top_k < 0 or not 0.0 < cfg.top_p <= 1.0:

@@ -86,6 +86,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == self.weight.dtype == torch.float32 and not torch.is_grad_enabled():
+            # the same numbers as below in one call instead of eight (generation: a token's
+            # small vectors cost more in per-operation overhead than in arithmetic)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # compute in float32: squares of bf16 activations lose too much precision
         x_float = x.float()
         normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -118,13 +122,22 @@ def rope_frequencies(config):
     return torch.where(medium, blended, scaled)
 
 
+def rope_angles(inv_freq, start_pos, T, device):
+    """(cos, sin) of RoPE's angles for positions start_pos .. start_pos + T - 1, shaped
+    (T, 1, head_size) to broadcast over (batch, T, heads, head_size): each pair's angle appears
+    twice, once for each half of the head, so that apply_rope is three multiply-adds."""
+    positions = torch.arange(start_pos, start_pos + T, device=device, dtype=torch.float32)
+    angles = torch.outer(positions, inv_freq.float()).repeat(1, 2)[:, None, :]
+    return angles.cos(), angles.sin()
+
+
 def apply_rope(x, cos, sin):
     """Rotate each pair (x[i], x[i + half]) by its position's angle: attention scores then
-    depend only on the distance between two positions, not on where they are."""
+    depend only on the distance between two positions, not on where they are.
+    [x1, x2] * cos + [-x2, x1] * sin is [x1 cos - x2 sin, x2 cos + x1 sin], the rotation."""
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 class Linear(nn.Linear):
@@ -193,30 +206,40 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, start_pos=0, kv_cache=None, rope=None):
         B, T, C = x.shape
         n_head, n_kv_head, head_size = self.config.n_head, self.config.n_kv_head, self.config.head_size
-        q, k, v = self.c_attn(x).split([n_head * head_size, n_kv_head * head_size, n_kv_head * head_size], dim=2)
-        # (B, T, heads * head_size) -> (B, heads, T, head_size): each head attends independently
-        q = q.view(B, T, n_head, head_size).transpose(1, 2)
-        k = k.view(B, T, n_kv_head, head_size).transpose(1, 2)
-        v = v.view(B, T, n_kv_head, head_size).transpose(1, 2)
+        # (B, T, heads * head_size) -> (B, T, heads, head_size): each head attends independently.
+        # The queries' and keys' heads come first, side by side: normalised and rotated in one go.
+        qk, v = self.c_attn(x).view(B, T, n_head + 2 * n_kv_head, head_size).split([n_head + n_kv_head, n_kv_head], dim=2)
         if self.config.qk_norm:
             # Unit-RMS queries and keys bound every attention score, so no logit can grow
             # until its softmax saturates: the speedrun's fix for attention that trains unstably.
-            q = F.rms_norm(q, (head_size,), eps=self.config.norm_eps)
-            k = F.rms_norm(k, (head_size,), eps=self.config.norm_eps)
+            qk = F.rms_norm(qk, (head_size,), eps=self.config.norm_eps)
         if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = apply_rope(qk, *rope)
+        q, k = qk.transpose(1, 2).split([n_head, n_kv_head], dim=1)  # (B, heads, T, head_size)
+        v = v.transpose(1, 2)
 
         if kv_cache is not None:
             kv_cache.keys[self.layer_index, :B, :, start_pos:start_pos + T] = k
             kv_cache.values[self.layer_index, :B, :, start_pos:start_pos + T] = v
             k = kv_cache.keys[self.layer_index, :B, :, :start_pos + T]
             v = kv_cache.values[self.layer_index, :B, :, :start_pos + T]
-        if n_kv_head != n_head:
-            # grouped-query attention: each key/value head serves n_head / n_kv_head query heads
-            # (consecutive ones, as in transformers), which makes the cache that many times smaller
-            k = k.repeat_interleave(n_head // n_kv_head, dim=1)
-            v = v.repeat_interleave(n_head // n_kv_head, dim=1)
+        if T == 1 and not self.training and not self.record_attention:
+            # One new query per head (generating a token): scaled_dot_product_attention's CPU kernel
+            # costs more to set up than these three small products. The queries that share a
+            # key/value head are stacked as its rows, so grouped-query attention copies nothing.
+            q = q.reshape(B, n_kv_head, n_head // n_kv_head, head_size)
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(head_size))
+            y = scores.float().softmax(dim=-1).to(v.dtype) @ v  # (B, n_kv_head, queries per head, head_size)
+            return self.resid_dropout(self.c_proj(y.view(B, 1, n_head * head_size)))
+        # Grouped-query attention (n_kv_head < n_head): each key/value head serves n_head / n_kv_head
+        # query heads (consecutive ones, as in transformers), which makes the cache that many times
+        # smaller; scaled_dot_product_attention(enable_gqa=True) pairs them without copying k and v.
+        grouped = n_kv_head != n_head
+        if grouped and (self.record_attention or torch.is_grad_enabled()):
+            # Training (and explain.py's by-hand attention) copies each key/value head for its
+            # queries: the gradients then add up in the order training has always used.
+            k, v = (t.repeat_interleave(n_head // n_kv_head, dim=1) for t in (k, v))
+            grouped = False
 
         # Query i (at absolute position start_pos + i) may look at keys 0 .. start_pos + i.
         # With no earlier positions that is the plain causal mask; after a cache prefix
@@ -234,7 +257,8 @@ class CausalSelfAttention(nn.Module):
             y = self._attention_by_hand(q, k, v, start_pos)
         else:
             dropout = self.config.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
+                                               enable_gqa=grouped)
         y = y.transpose(1, 2).contiguous().view(B, T, n_head * head_size)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -360,9 +384,11 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * seq_len
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, last_only=False):
         """idx (B, T) token ids -> logits (B, T, vocab_size) and, given targets, the mean
-        cross-entropy loss in nats. With a kv_cache, idx continues where the cache ends."""
+        cross-entropy loss in nats. With a kv_cache, idx continues where the cache ends.
+        last_only: logits of the last position only, (B, 1, vocab_size): all that generation
+        needs, and for a long prompt the output layer is a large part of the work."""
         B, T = idx.shape
         start_pos = kv_cache.length if kv_cache is not None else 0
         if start_pos + T > self.config.block_size:
@@ -373,14 +399,14 @@ class GPT(nn.Module):
             x = x + self.wpe.weight[start_pos:start_pos + T]  # rows of the position table, no lookup op
         else:
             # angles for just these positions: cheap, and no table of block_size rows to keep
-            positions = torch.arange(start_pos, start_pos + T, device=idx.device, dtype=torch.float32)
-            angles = torch.outer(positions, self.rope_inv_freq.float())
-            rope = (angles.cos(), angles.sin())
+            rope = rope_angles(self.rope_inv_freq, start_pos, T, idx.device)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, start_pos, kv_cache, rope)
         if kv_cache is not None:
             kv_cache.length += T
+        if last_only:
+            x = x[:, -1:]
         x = self.ln_f(x)
         # the padded rows exist only to make the matmul fast; they are never scored or sampled
         logits = self.lm_head(x)[..., :self.config.vocab_size]
@@ -401,11 +427,13 @@ class GPT(nn.Module):
         matrix laid out (in, out) the Linear layers can split that work over the CPU's cores
         (see Linear). Done once, in place: no second copy of the weights is kept. (bfloat16
         weights stay as they are: the CPU's bfloat16 kernels are slower on this layout.)"""
-        for module in self.modules():
-            weight = getattr(module, "weight", None)
-            if (isinstance(module, (nn.Linear, nn.Embedding)) and weight.dtype == torch.float32
-                    and weight.is_contiguous()):
-                module.weight.data = weight.data.t().contiguous().t()
+        # (made outside generate's inference mode: inference tensors could never train again)
+        with torch.inference_mode(False), torch.no_grad():
+            for module in self.modules():
+                weight = getattr(module, "weight", None)
+                if (isinstance(module, (nn.Linear, nn.Embedding)) and weight.dtype == torch.float32
+                        and weight.is_contiguous()):
+                    module.weight.data = weight.data.t().contiguous().t()
 
     @torch.inference_mode()  # no autograd bookkeeping at all: cheaper per op than no_grad
     def generate(self, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
@@ -416,7 +444,7 @@ class GPT(nn.Module):
         the context is full, the cache restarts from the most recent half of the context
         (one recompute every block_size/2 tokens instead of one per token)."""
         block_size = self.config.block_size
-        device = self.wte.weight.device
+        device, dtype = self.ln_f.weight.device, self.ln_f.weight.dtype  # (8-bit models have no wte.weight)
         if device.type == "cpu":
             self.use_cpu_decoding_layout()
         tokens = list(prompt_ids)[-block_size:]
@@ -424,10 +452,10 @@ class GPT(nn.Module):
             raise ValueError("generate needs at least one prompt token")
         kv_cache = None
         if use_kv_cache:
-            kv_cache = KVCache(self.config, 1, device, self.wte.weight.dtype, len(tokens) + max_new_tokens)
-            logits, _ = self(torch.tensor([tokens], device=device), kv_cache=kv_cache)
+            kv_cache = KVCache(self.config, 1, device, dtype, len(tokens) + max_new_tokens)
+            logits, _ = self(torch.tensor([tokens], device=device), kv_cache=kv_cache, last_only=True)
         else:
-            logits, _ = self(torch.tensor([tokens], device=device))
+            logits, _ = self(torch.tensor([tokens], device=device), last_only=True)
         for _ in range(max_new_tokens):
             next_id = sample_next_token(logits[0, -1], temperature, top_k, top_p, generator)
             yield next_id
@@ -435,12 +463,13 @@ class GPT(nn.Module):
                 return
             tokens.append(next_id)
             if not use_kv_cache:
-                logits, _ = self(torch.tensor([tokens[-block_size:]], device=device))
+                logits, _ = self(torch.tensor([tokens[-block_size:]], device=device), last_only=True)
             elif kv_cache.length < block_size:
                 logits, _ = self(torch.tensor([[next_id]], device=device), kv_cache=kv_cache)
             else:
                 kv_cache.reset()
-                logits, _ = self(torch.tensor([tokens[-(block_size // 2):]], device=device), kv_cache=kv_cache)
+                logits, _ = self(torch.tensor([tokens[-(block_size // 2):]], device=device), kv_cache=kv_cache,
+                                 last_only=True)
 
 
 def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):

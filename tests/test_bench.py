@@ -31,3 +31,36 @@ def test_bench_recipe_reports_loss_and_time_to_target_per_variant(tiny_char_data
     assert names == ["recipe: baseline (nanoGPT CPU)"] * 2 + ["recipe: + Muon"] * 2
     losses = [f["value"] for f in figures if f["unit"] == "nats"]
     assert all(0 < loss < 5 for loss in losses)  # the tiny corpus's 25 characters: ln 25 = 3.2 at the start
+
+
+def test_bench_real_says_what_to_pass_without_a_model():
+    result = run_script("bench.py", "--sections=real")
+    assert "--model=hf:" in result.stderr
+
+
+def test_bench_real_compares_ours_with_transformers_on_one_model(tmp_path):
+    """A tiny Llama saved by transformers, as a real model would be: every figure of ours in
+    float32 and 8 bits and of transformers, with the same bits per byte from both float32 runs."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from model.tokenizer import BytePairTokenizer, tokenizer_json
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+                     ).save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "tokenizer.json").write_text(json.dumps(tokenizer_json(
+        BytePairTokenizer("bpe", {bytes([i]): i for i in range(256)}))))
+    text = tmp_path / "text.txt"
+    text.write_text("It was the best of times, it was the worst of times. " * 25)  # 1,350 one-byte tokens
+    result = run_script("bench.py", "--sections=real", f"--model=hf:{tmp_path / 'model'}", f"--text={text}",
+                        "--repeats=1", "--real_tokens=4", "--prompt_tokens=50", "--bpb_tokens=1024", "--json")
+    figures = {(f["measurement"], f["setting"]): f["value"] for f in json.loads(result.stdout)["figures"]}
+    programs = ("sample.py float32", "sample.py --quant=q8_0", "transformers float32")
+    for program in programs:
+        values = [v for (m, _), v in figures.items() if m.endswith(program)]
+        assert len(values) == 5 and all(v > 0 for v in values)
+    bpb = {m.split(": ", 1)[1]: v for (m, s), v in figures.items() if s.startswith("bits per byte")}
+    assert abs(bpb["sample.py float32"] - bpb["transformers float32"]) < 1e-4
+    assert abs(bpb["sample.py --quant=q8_0"] - bpb["sample.py float32"]) < 0.05

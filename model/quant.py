@@ -1,0 +1,165 @@
+"""8-bit weights: `--quant=q8_0` stores every weight matrix, and the token embedding, as int8
+numbers and scales, a quarter of float32's bytes. Norms, biases and the KV cache stay float32.
+
+Generating one token multiplies one vector by every weight matrix once: little arithmetic for
+each number read, so the speed of generation is the speed at which the weights come out of
+memory, and a quarter of the bytes is up to four times the speed. What it costs in quality is
+what rounding every weight to one of 255 levels costs (bench.py --sections=real measures it
+as bits per byte on held-out text).
+
+Two layouts, one rounding rule (a weight w becomes round(w / scale), scale = max |w| / 127 of
+the numbers that share it):
+  quantize_rows    one scale per output row: what PyTorch's int8 weight-only kernel
+                   (torch._weight_int8pack_mm, int8 weights times bfloat16 activations) takes,
+                   the fastest correct way we measured to multiply by 8-bit weights on a CPU.
+                   The model runs this way (quantize_model).
+  quantize_groups  one float16 scale per 32 consecutive numbers of a row: llama.cpp's Q8_0,
+                   the layout of model.bin version 3 (export.py --quant=q8_0), which run.py
+                   multiplies with numpy.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.errors import UserError
+
+QUANT_KINDS = ("q8_0",)  # '' (no quantization) is the default everywhere
+GROUP_SIZE = 32  # numbers per scale in model.bin's 8-bit layout (Q8_0's block)
+
+
+def check_quant(kind):
+    if kind and kind not in QUANT_KINDS:
+        raise UserError(f"unknown --quant={kind!r}: use q8_0 (8-bit weights) or leave it empty (float32)")
+
+
+def round_half_away(x):
+    """Round to the nearest integer, halves away from zero (C's roundf, as llama.cpp rounds)."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def quantize_rows(weight):
+    """(int8 values, bfloat16 scale per row) with weight ~ values * scale[:, None]. The scale is
+    rounded to bfloat16 (the kernel multiplies by it in that precision) before the values are
+    rounded against it, so the two together are the best 8-bit fit that the kernel can use."""
+    weight = weight.detach().float()
+    scale = (weight.abs().amax(dim=1) / 127).to(torch.bfloat16)
+    inverse = torch.where(scale > 0, 1 / scale.float(), torch.zeros(()))  # an all-zero row stays zero
+    return round_half_away(weight * inverse[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scale
+
+
+def quantize_groups(weight, group_size=GROUP_SIZE):
+    """(int8 values (rows, cols), float16 scales (rows, cols / group_size)): llama.cpp's Q8_0,
+    number for number (its reference quantizer divides by the float32 scale, then stores the
+    scale as float16)."""
+    rows, cols = weight.shape
+    if cols % group_size:
+        raise ValueError(f"a row of {cols} numbers is not a whole number of groups of {group_size}")
+    groups = weight.detach().float().reshape(rows, cols // group_size, group_size)
+    scale = groups.abs().amax(dim=2) / 127
+    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    values = round_half_away(groups * inverse[..., None]).to(torch.int8)
+    return values.reshape(rows, cols), scale.to(torch.float16)
+
+
+def dequantize_groups(values, scales, group_size=GROUP_SIZE):
+    rows, cols = values.shape
+    groups = values.float().reshape(rows, cols // group_size, group_size) * scales.float()[..., None]
+    return groups.reshape(rows, cols)
+
+
+KERNEL_MAX_ROWS = 16  # up to this many rows at a time go through the int8 kernel (bench.py: prompt vs tokens)
+
+
+def int8_kernel_fits(in_features, device):
+    # The CPU kernel reads 16 activations at a time and gives wrong numbers (or crashes) when a
+    # row's length is not a multiple of 16; other devices dequantize instead (see Int8Linear).
+    return device.type == "cpu" and in_features % 16 == 0
+
+
+class Int8Linear(nn.Module):
+    """A Linear layer whose weight is int8 with one scale per output row. It multiplies with
+    bfloat16 activations (the kernel's fastest form: the products are summed in float32) and
+    hands back the input's dtype, so the layers around it are unchanged."""
+
+    def __init__(self, values, scale, bias=None):
+        super().__init__()
+        self.out_features, self.in_features = values.shape
+        # the numbers are a (frozen) parameter, counted by num_params; a tied output layer is handed
+        # the embedding's own parameter and scale, so the matrix is stored once
+        self.weight_int8 = values if isinstance(values, nn.Parameter) else nn.Parameter(values, requires_grad=False)
+        self.register_buffer("scale", scale)
+        self.bias = bias
+
+    @classmethod
+    def from_linear(cls, linear):
+        values, scale = quantize_rows(linear.weight)
+        bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return cls(values.to(linear.weight.device), scale.to(linear.weight.device), bias)
+
+    def forward(self, x):
+        rows = x.reshape(-1, self.in_features)
+        if len(rows) <= KERNEL_MAX_ROWS and int8_kernel_fits(self.in_features, x.device):
+            # a few rows (generating): reading the weights is the work, and int8 is a quarter of the bytes
+            y = torch._weight_int8pack_mm(rows.to(torch.bfloat16).contiguous(), self.weight_int8, self.scale).to(x.dtype)
+        else:
+            # many rows (reading a prompt): arithmetic is the work, and the kernel is slow at it, so the
+            # float matrix is rebuilt once for all the rows (this is also the path for other devices)
+            y = F.linear(rows, self.weight_int8.to(x.dtype) * self.scale.to(x.dtype)[:, None])
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class Int8Embedding(nn.Module):
+    """The token embedding as int8 rows with one scale each: a token's vector is its row times
+    its scale. With tied embeddings the output layer (an Int8Linear) shares these numbers."""
+
+    def __init__(self, embedding):
+        super().__init__()
+        values, scale = quantize_rows(embedding.weight)
+        self.weight_int8 = nn.Parameter(values.to(embedding.weight.device), requires_grad=False)
+        self.register_buffer("scale", scale.to(embedding.weight.device))
+        self.dtype = embedding.weight.dtype  # the activations' dtype, as the float embedding gave
+
+    @property
+    def weight(self):
+        """The table as the model sees it (values times scales), for code that reads the embedding
+        (explain.py's nearest tokens): a float copy, made on each call."""
+        return self.weight_int8.to(self.dtype) * self.scale[:, None].to(self.dtype)
+
+    def forward(self, idx):
+        return self.weight_int8[idx].to(self.dtype) * self.scale[idx, None].to(self.dtype)
+
+
+def quantize_model(model, kind):
+    """Replace, in place, the token embedding and every Linear layer of a GPT by its 8-bit form
+    (kind 'q8_0'; '' leaves the model as it is). For generation and evaluation only: the int8
+    numbers have no gradients. Returns the model."""
+    check_quant(kind)
+    if not kind:
+        return model
+    tied = model.config.tie_embeddings
+    model.wte = Int8Embedding(model.wte)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and not (tied and child is model.lm_head):
+                setattr(module, name, Int8Linear.from_linear(child))
+    if tied:  # the output layer is the embedding's matrix: the same int8 numbers and scales
+        model.lm_head = Int8Linear(model.wte.weight_int8, model.wte.scale)
+    release_freed_memory()
+    return model
+
+
+def release_freed_memory():
+    """Hand the float weights' freed memory back to the system. glibc's malloc keeps freed
+    blocks for reuse, so without this a quantized model holds as much memory as the float one
+    (bench.py measured 1.2 GB against 0.46 GB after trimming, for SmolLM2-135M)."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # another C library (musl): nothing to trim this way
+            pass

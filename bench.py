@@ -545,13 +545,14 @@ def bench_rag(cfg, rows):
     import numpy as np
 
     from data.dataset import stdlib_files
-    from data.retrieval import BM25, chunk_document, dense_scores, read_text, top
+    from data.dataset import read_text_file
+    from data.retrieval import BM25, chunk_document, dense_scores, top
 
     question = "Return the number of seconds since the epoch, as a floating point number."
     root, files = stdlib_files()
     chunks = []
     for path in files:
-        text = read_text(path)
+        text = read_text_file(path)
         chunks += [c["text"] for c in chunk_document(str(path), text, 200, 40)] if text else []
         if len(chunks) >= 100_000:
             break

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.dataset import read_text_file
 from model.errors import UserError
 from model.files import atomic_folder
 
@@ -58,24 +59,13 @@ def read_sources(sources, split="train", text_field="text", data_root="data"):
             else:
                 raise UserError(f"source {source} not found (a file, a folder or hf:<data set>)")
             for file in files:
-                text = read_text(file)
+                text = read_text_file(file)
                 if text is not None and text.strip():
                     found.append((str(file), text))
         if not found:
             raise UserError(f"source {source} holds no text (empty, or no {'/'.join(TEXT_SUFFIXES)} files)")
         documents += found
     return documents
-
-
-def read_text(path):
-    """A file's text, or None when it is binary or not UTF-8."""
-    data = Path(path).read_bytes()
-    if b"\0" in data:
-        return None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
 
 
 # ---- chunks ---------------------------------------------------------------------------------

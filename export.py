@@ -32,7 +32,7 @@ from model.checkpoint import is_imported, load_checkpoint, load_model
 from model.cli import field, main_guard, parse_config
 from model.errors import UserError
 from model.files import atomic_write
-from model.quant import check_quant, quantize_groups
+from model.quant import check_quant, quantize_rows, row_scales_as_groups
 from model.tokenizer import GPT2_SPLIT_PATTERN, split_rule_of
 # run.py must stay standalone (numpy alone), so the file layout's one home is run.py, its reader:
 # this writer imports it from there and the two can never disagree.
@@ -123,7 +123,8 @@ def tokenizer_section(tokenizer, vocab_size):
 
 def export_model(model, tokenizer, path, quant=""):
     """Write the model and its tokenizer to `path` atomically (temporary file, then rename).
-    quant="q8_0": every matrix as int8 groups and float16 scales (format version 3)."""
+    quant="q8_0": every matrix as int8 groups and float16 scales (format version 3), the numbers
+    the model runs with under --quant=q8_0."""
     config = file_config(model)
     if tokenizer.vocab_size > config.vocab_size:
         raise UserError(f"the checkpoint's tokenizer has {tokenizer.vocab_size} ids but the model only {config.vocab_size}")
@@ -149,8 +150,9 @@ def export_model(model, tokenizer, path, quant=""):
                 tensor = tensor[:config.vocab_size]  # the padded rows are never scored: leave them out
             assert tuple(tensor.shape) == shape, (name, tuple(tensor.shape), shape)
             if quant and len(shape) == 2:  # a matrix: its int8 values, then its scales
-                values, scales = quantize_groups(tensor)
-                f.write(values.numpy().tobytes() + scales.numpy().astype("<f2").tobytes())
+                # the numbers sample.py --quant=q8_0 runs with (one scale per row, given to each group)
+                values, scale = quantize_rows(tensor)
+                f.write(values.numpy().tobytes() + row_scales_as_groups(scale, shape[1]).numpy().astype("<f2").tobytes())
             else:
                 f.write(tensor.numpy().astype("<f4").tobytes())
 

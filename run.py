@@ -298,7 +298,9 @@ def load_model(path):
     weights = {}
     for name, shape in layout:
         if version == VERSION_8BIT and len(shape) == 2:
-            # int8 values, then one float16 scale per group: the float32 matrix is rebuilt here, once
+            # int8 values, then one float16 scale per group (export.py gives a row's groups one scale,
+            # the row's: the numbers sample.py --quant=q8_0 runs with; any scales read the same way):
+            # the float32 matrix is rebuilt here, once
             # (measured faster than rebuilding each matrix whenever it multiplies; see README.md)
             rows, cols = shape
             values = np.frombuffer(data, dtype=np.int8, count=rows * cols, offset=position)
@@ -318,8 +320,25 @@ def load_model(path):
 # ---- the forward pass ---------------------------------------------------------------------------
 # Every array is float32, as in torch. (Python numbers keep it so; numpy's float64 would not.)
 
+def bfloat16_rounded(x):
+    """x rounded to bfloat16's 8 significant bits (to nearest, ties to even) and kept as float32:
+    the top half of each float32's bits, rounded by what the bottom half holds."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    bits = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return bits.view(np.float32)
+
+
+def product(model, x, matrix):
+    """x times a weight matrix's transpose. A version 3 (8-bit) file's matrices take and give
+    bfloat16-rounded numbers, as in sample.py --quant=q8_0 (the int8 kernel's precision): the
+    same numbers in both programs, so the same greedy text."""
+    if model.version == VERSION_8BIT:
+        return bfloat16_rounded(bfloat16_rounded(x) @ matrix.T)
+    return x @ matrix.T
+
+
 def linear(model, name, x):
-    y = x @ model.weights[name + ".weight"].T
+    y = product(model, x, model.weights[name + ".weight"])
     bias = model.weights.get(name + ".bias")
     return y if bias is None else y + bias
 
@@ -413,7 +432,7 @@ def forward(model, ids, cache):
         x = x + mlp(model, b, norm(model, b + "ln_2", x))
     cache.length += len(ids)
     output = w["wte.weight" if c.tie_embeddings else "lm_head.weight"]  # tied: the embedding scores tokens
-    logits = norm(model, "ln_f", x) @ output.T
+    logits = product(model, norm(model, "ln_f", x), output)
     if c.logit_softcap:  # a smooth ceiling: large scores bend towards +-softcap
         logits = c.logit_softcap * np.tanh(logits / c.logit_softcap)
     return logits

@@ -122,22 +122,23 @@ def rope_frequencies(config):
     return torch.where(medium, blended, scaled)
 
 
-def rope_angles(inv_freq, start_pos, T, device):
-    """(cos, sin) of RoPE's angles for positions start_pos .. start_pos + T - 1, shaped
-    (T, 1, head_size) to broadcast over (batch, T, heads, head_size): each pair's angle appears
-    twice, once for each half of the head, so that apply_rope is three multiply-adds."""
+def rope_angles(inv_freq, start_pos, T, device, dtype=torch.float32):
+    """(cos, signed sin) of RoPE's angles for positions start_pos .. start_pos + T - 1, shaped
+    (T, 1, head_size) to broadcast over (batch, T, heads, head_size), in the activations' dtype.
+    Each pair's angle appears twice, once for each half of the head, and the sine's first half
+    is negated, so that apply_rope is two products and a sum (see there)."""
     positions = torch.arange(start_pos, start_pos + T, device=device, dtype=torch.float32)
-    angles = torch.outer(positions, inv_freq.float()).repeat(1, 2)[:, None, :]
-    return angles.cos(), angles.sin()
+    angles = torch.outer(positions, inv_freq.float())
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1)[:, None, :].to(dtype), torch.cat([-sin, sin], dim=-1)[:, None, :].to(dtype)
 
 
-def apply_rope(x, cos, sin):
-    """Rotate each pair (x[i], x[i + half]) by its position's angle: attention scores then
-    depend only on the distance between two positions, not on where they are.
-    [x1, x2] * cos + [-x2, x1] * sin is [x1 cos - x2 sin, x2 cos + x1 sin], the rotation."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+def apply_rope(x, cos, signed_sin):
+    """Rotate each pair (x1, x2) = (x[i], x[i + half]) by its position's angle: attention scores
+    then depend only on the distance between two positions, not on where they are.
+    The rotation is [x1 cos - x2 sin, x2 cos + x1 sin] = [x1, x2] * cos + [x2, x1] * [-sin, sin]:
+    rolling the head by half swaps its halves, and the sign lives in signed_sin."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class Linear(nn.Linear):
@@ -147,22 +148,28 @@ class Linear(nn.Linear):
     so its speed is memory bandwidth, and PyTorch's CPU BLAS does it on one core. Splitting the
     inner dimension into one slice per core, as a batched matmul, lets every core read its own
     share of the matrix; adding the partial sums gives the same product (up to rounding). It
-    needs the weight laid out (in, out) in memory (GPT.use_cpu_decoding_layout), and is used
-    only without autograd, so training never takes this path, and only for matrices of 1 MB
-    and more: a smaller one stays in the core's cache, where the extra operations cost more
-    than they save."""
+    needs the weight laid out (in, out) in memory: GPT.use_cpu_decoding_layout lays it out and
+    calls split_over_cores, which keeps the (cores, in / cores, out) view that the product reads.
+    Only matrices of 1 MB and more are split: a smaller one stays in the core's cache, where the
+    extra operations cost more than they save. Used only without autograd, so training never
+    takes this path."""
+
+    split_weight = None  # the weight's (cores, in / cores, out) view, or None: not split
+
+    def split_over_cores(self):
+        weight_t = self.weight.detach().t()
+        cores = torch.get_num_threads()
+        if (cores > 1 and self.weight.numel() >= 2**18 and weight_t.is_contiguous() and weight_t.device.type == "cpu"
+                and self.in_features % cores == 0):
+            self.split_weight = weight_t.view(cores, self.in_features // cores, self.out_features)
 
     def forward(self, x):
-        if self.weight.numel() >= 2**18 and x.numel() == self.in_features and not torch.is_grad_enabled():
-            return self._split_over_cores(x)
-        return F.linear(x, self.weight, self.bias)
-
-    def _split_over_cores(self, x):
-        weight_t = self.weight.t()  # (in, out); contiguous only after use_cpu_decoding_layout
-        cores = torch.get_num_threads()
-        if cores > 1 and weight_t.is_contiguous() and x.device.type == "cpu" and self.in_features % cores == 0:
-            partial_sums = torch.bmm(x.reshape(cores, 1, -1), weight_t.view(cores, -1, self.out_features))
-            y = partial_sums.sum(0)
+        split = self.split_weight
+        # (the view is checked to still be the weight's memory: a model moved or reloaded since
+        # has new weights, and then takes the plain path)
+        if (split is not None and x.numel() == self.in_features and not torch.is_grad_enabled()
+                and split.data_ptr() == self.weight.data_ptr()):
+            y = torch.bmm(x.reshape(len(split), 1, -1), split).sum(0)
             if self.bias is not None:
                 y = y + self.bias
             return y.view(*x.shape[:-1], self.out_features)
@@ -206,9 +213,13 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, start_pos=0, kv_cache=None, rope=None):
         B, T, C = x.shape
         n_head, n_kv_head, head_size = self.config.n_head, self.config.n_kv_head, self.config.head_size
+        qkv = self.c_attn(x)
+        if T == 1 and B == 1 and kv_cache is not None and not (self.training or self.record_attention
+                                                               or torch.is_grad_enabled()):
+            return self._attend_next_token(qkv, start_pos, kv_cache, rope)
         # (B, T, heads * head_size) -> (B, T, heads, head_size): each head attends independently.
         # The queries' and keys' heads come first, side by side: normalised and rotated in one go.
-        qk, v = self.c_attn(x).view(B, T, n_head + 2 * n_kv_head, head_size).split([n_head + n_kv_head, n_kv_head], dim=2)
+        qk, v = qkv.view(B, T, n_head + 2 * n_kv_head, head_size).split([n_head + n_kv_head, n_kv_head], dim=2)
         if self.config.qk_norm:
             # Unit-RMS queries and keys bound every attention score, so no logit can grow
             # until its softmax saturates: the speedrun's fix for attention that trains unstably.
@@ -223,14 +234,6 @@ class CausalSelfAttention(nn.Module):
             kv_cache.values[self.layer_index, :B, :, start_pos:start_pos + T] = v
             k = kv_cache.keys[self.layer_index, :B, :, :start_pos + T]
             v = kv_cache.values[self.layer_index, :B, :, :start_pos + T]
-        if T == 1 and not self.training and not self.record_attention:
-            # One new query per head (generating a token): scaled_dot_product_attention's CPU kernel
-            # costs more to set up than these three small products. The queries that share a
-            # key/value head are stacked as its rows, so grouped-query attention copies nothing.
-            q = q.reshape(B, n_kv_head, n_head // n_kv_head, head_size)
-            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(head_size))
-            y = scores.float().softmax(dim=-1).to(v.dtype) @ v  # (B, n_kv_head, queries per head, head_size)
-            return self.resid_dropout(self.c_proj(y.view(B, 1, n_head * head_size)))
         # Grouped-query attention (n_kv_head < n_head): each key/value head serves n_head / n_kv_head
         # query heads (consecutive ones, as in transformers), which makes the cache that many times
         # smaller; scaled_dot_product_attention(enable_gqa=True) pairs them without copying k and v.
@@ -260,7 +263,30 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
                                                enable_gqa=grouped)
         y = y.transpose(1, 2).contiguous().view(B, T, n_head * head_size)  # heads side by side again
-        return self.resid_dropout(self.c_proj(y))
+        y = self.c_proj(y)
+        return self.resid_dropout(y) if self.training else y
+
+    def _attend_next_token(self, qkv, pos, kv_cache, rope):
+        """Attention for one new token of one sequence (generation): the numbers of forward's general
+        path in a third of its operations. Each operation has a fixed cost of about a
+        microsecond, more than its arithmetic on vectors this small, and a real model runs this
+        once per layer per token. The queries that share a key/value head are stacked as its
+        rows, so grouped-query attention copies nothing, and three small products replace
+        scaled_dot_product_attention, whose CPU kernel costs more to set up than they do."""
+        n_head, n_kv_head, head_size = self.config.n_head, self.config.n_kv_head, self.config.head_size
+        qkv = qkv.view(n_head + 2 * n_kv_head, head_size)
+        qk, v = qkv[:n_head + n_kv_head], qkv[n_head + n_kv_head:]
+        if self.config.qk_norm:
+            qk = F.rms_norm(qk, (head_size,), eps=self.config.norm_eps)
+        if rope is not None:
+            qk = apply_rope(qk, *rope).view(n_head + n_kv_head, head_size)
+        keys, values = kv_cache.keys[self.layer_index, 0], kv_cache.values[self.layer_index, 0]
+        keys[:, pos] = qk[n_head:]
+        values[:, pos] = v
+        q = qk[:n_head].view(n_kv_head, n_head // n_kv_head, head_size)
+        scores = (q @ keys[:, :pos + 1].transpose(1, 2)) * (1.0 / math.sqrt(head_size))
+        y = scores.softmax(-1, dtype=torch.float32).to(v.dtype) @ values[:, :pos + 1]
+        return self.c_proj(y.view(1, 1, n_head * head_size))
 
     def _attention_by_hand(self, q, k, v, start_pos):
         """softmax(q k^T / sqrt(d)) v written out, keeping the weights for inspection."""
@@ -297,7 +323,8 @@ class MLP(nn.Module):
             hidden = F.relu(self.c_fc(x)).square()
         else:
             hidden = F.silu(self.c_gate(x)) * self.c_fc(x)
-        return self.dropout(self.c_proj(hidden))
+        y = self.c_proj(hidden)
+        return self.dropout(y) if self.training else y  # (in eval, dropout is the identity: one call less)
 
 
 class Block(nn.Module):
@@ -399,8 +426,9 @@ class GPT(nn.Module):
             x = x + self.wpe.weight[start_pos:start_pos + T]  # rows of the position table, no lookup op
         else:
             # angles for just these positions: cheap, and no table of block_size rows to keep
-            rope = rope_angles(self.rope_inv_freq, start_pos, T, idx.device)
-        x = self.drop(x)
+            rope = rope_angles(self.rope_inv_freq, start_pos, T, idx.device, x.dtype)
+        if self.training:
+            x = self.drop(x)
         for block in self.blocks:
             x = block(x, start_pos, kv_cache, rope)
         if kv_cache is not None:
@@ -434,6 +462,9 @@ class GPT(nn.Module):
                 if (isinstance(module, (nn.Linear, nn.Embedding)) and weight.dtype == torch.float32
                         and weight.is_contiguous()):
                     module.weight.data = weight.data.t().contiguous().t()
+            for module in self.modules():  # (after the loop above: a tied lm_head shares wte's new layout)
+                if isinstance(module, Linear):
+                    module.split_over_cores()
 
     @torch.inference_mode()  # no autograd bookkeeping at all: cheaper per op than no_grad
     def generate(self, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,

@@ -7,15 +7,22 @@ memory, and a quarter of the bytes is up to four times the speed. What it costs 
 what rounding every weight to one of 255 levels costs (bench.py --sections=real measures it
 as bits per byte on held-out text).
 
-Two layouts, one rounding rule (a weight w becomes round(w / scale), scale = max |w| / 127 of
-the numbers that share it):
+One rounding rule (a weight w becomes round(w / scale), scale = max |w| / 127 of the numbers
+that share it), two layouts:
   quantize_rows    one scale per output row: what PyTorch's int8 weight-only kernel
                    (torch._weight_int8pack_mm, int8 weights times bfloat16 activations) takes,
                    the fastest correct way we measured to multiply by 8-bit weights on a CPU.
-                   The model runs this way (quantize_model).
+                   The model runs this way (quantize_model), and model.bin version 3 (export.py
+                   --quant=q8_0) stores these very numbers, so run.py computes what sample.py
+                   --quant=q8_0 computes.
   quantize_groups  one float16 scale per 32 consecutive numbers of a row: llama.cpp's Q8_0,
-                   the layout of model.bin version 3 (export.py --quant=q8_0), which run.py
-                   multiplies with numpy.
+                   written to GGUF files (export.py --format=gguf --quant=q8_0). model.bin
+                   version 3 has Q8_0's layout too, with every group of a row given its row's
+                   scale (row_scales_as_groups).
+
+Every product of the 8-bit model takes and gives bfloat16-rounded numbers, the kernel's own
+precision (the kernel rounds them; the path for many rows rounds them the same way), so a
+prompt's positions and generated tokens are computed alike, and run.py rounds them the same.
 """
 
 import torch
@@ -38,12 +45,19 @@ def round_half_away(x):
     return torch.sign(x) * torch.floor(x.abs() + 0.5)
 
 
+SMALLEST_SCALE = 2.0**-17  # the smallest scale whose bfloat16 value float16 also holds exactly
+
+
 def quantize_rows(weight):
     """(int8 values, bfloat16 scale per row) with weight ~ values * scale[:, None]. The scale is
     rounded to bfloat16 (the kernel multiplies by it in that precision) before the values are
-    rounded against it, so the two together are the best 8-bit fit that the kernel can use."""
+    rounded against it, so the two together are the best 8-bit fit that the kernel can use.
+    A nonzero row's scale is at least SMALLEST_SCALE (a row whose largest weight is under
+    0.001 gets a coarser step than it could): every scale is then exact in float16 too, the
+    type model.bin's scales have, so the file holds exactly these numbers."""
     weight = weight.detach().float()
-    scale = (weight.abs().amax(dim=1) / 127).to(torch.bfloat16)
+    scale = weight.abs().amax(dim=1) / 127
+    scale = torch.where(scale > 0, scale.clamp(min=SMALLEST_SCALE), scale).to(torch.bfloat16)
     inverse = torch.where(scale > 0, 1 / scale.float(), torch.zeros(()))  # an all-zero row stays zero
     return round_half_away(weight * inverse[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scale
 
@@ -62,6 +76,14 @@ def quantize_groups(weight, group_size=GROUP_SIZE):
     return values.reshape(rows, cols), scale.to(torch.float16)
 
 
+def row_scales_as_groups(scale, cols, group_size=GROUP_SIZE):
+    """quantize_rows' scale per row as float16 scales per group of a row (all a row's groups
+    alike): model.bin version 3's layout holding the numbers the model runs with."""
+    groups = scale.float()[:, None].expand(-1, cols // group_size).to(torch.float16)
+    assert torch.equal(groups.float(), scale.float()[:, None].expand_as(groups)), "a scale float16 cannot hold"
+    return groups
+
+
 def dequantize_groups(values, scales, group_size=GROUP_SIZE):
     rows, cols = values.shape
     groups = values.float().reshape(rows, cols // group_size, group_size) * scales.float()[..., None]
@@ -74,13 +96,14 @@ KERNEL_MAX_ROWS = 16  # up to this many rows at a time go through the int8 kerne
 def int8_kernel_fits(in_features, device):
     # The CPU kernel reads 16 activations at a time and gives wrong numbers (or crashes) when a
     # row's length is not a multiple of 16; other devices dequantize instead (see Int8Linear).
-    return device.type == "cpu" and in_features % 16 == 0
+    return in_features % 16 == 0 and device.type == "cpu"
 
 
 class Int8Linear(nn.Module):
     """A Linear layer whose weight is int8 with one scale per output row. It multiplies with
-    bfloat16 activations (the kernel's fastest form: the products are summed in float32) and
-    hands back the input's dtype, so the layers around it are unchanged."""
+    bfloat16 activations (the kernel's fastest form: the products are summed in float32, and
+    the result rounded to bfloat16) and hands back the input's dtype, so the layers around it
+    are unchanged."""
 
     def __init__(self, values, scale, bias=None):
         super().__init__()
@@ -99,13 +122,15 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         rows = x.reshape(-1, self.in_features)
-        if len(rows) <= KERNEL_MAX_ROWS and int8_kernel_fits(self.in_features, x.device):
+        if rows.shape[0] <= KERNEL_MAX_ROWS and int8_kernel_fits(self.in_features, x.device):
             # a few rows (generating): reading the weights is the work, and int8 is a quarter of the bytes
             y = torch._weight_int8pack_mm(rows.to(torch.bfloat16).contiguous(), self.weight_int8, self.scale).to(x.dtype)
         else:
             # many rows (reading a prompt): arithmetic is the work, and the kernel is slow at it, so the
-            # float matrix is rebuilt once for all the rows (this is also the path for other devices)
-            y = F.linear(rows, self.weight_int8.to(x.dtype) * self.scale.to(x.dtype)[:, None])
+            # float matrix is rebuilt once for all the rows (this is also the path for other devices);
+            # what goes in and what comes out are rounded to bfloat16, as the kernel rounds them
+            weight = self.weight_int8.to(x.dtype) * self.scale.to(x.dtype)[:, None]
+            y = F.linear(rows.to(torch.bfloat16).to(x.dtype), weight).to(torch.bfloat16).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features)
@@ -141,6 +166,12 @@ def quantize_model(model, kind):
         return model
     tied = model.config.tie_embeddings
     model.wte = Int8Embedding(model.wte)
+    if hasattr(model, "wpe"):
+        # GPT-2's position table is read a row per token, never multiplied, so its bytes do not set
+        # the speed: it stays float32, holding its 8-bit numbers (as model.bin version 3 stores it)
+        with torch.no_grad():
+            values, scale = quantize_rows(model.wpe.weight)
+            model.wpe.weight.copy_(values.float() * scale.float()[:, None])
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and not (tied and child is model.lm_head):

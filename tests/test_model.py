@@ -137,12 +137,17 @@ def test_a_one_row_product_split_over_the_cores_is_the_plain_product(monkeypatch
     x = torch.randn(1, 1, 512)
     expected = F.linear(x, layer.weight, layer.bias)
     layer.weight.data = layer.weight.data.t().contiguous().t()  # as GPT.use_cpu_decoding_layout lays it out
+    layer.split_over_cores()
     batched = []
     monkeypatch.setattr(torch, "bmm", lambda *args, bmm=torch.bmm: batched.append(1) or bmm(*args))
     with torch.inference_mode():
         split = layer(x)
     assert batched, "the one-row product was not split"
     assert torch.allclose(split, expected, atol=1e-5), (split - expected).abs().max()
+    # weights replaced since (a model moved, or reloaded with new tensors): the plain product
+    layer.weight = torch.nn.Parameter(torch.zeros(1024, 512))
+    with torch.inference_mode():
+        assert torch.equal(layer(x), layer.bias.expand(1, 1, 1024))
 
 
 def test_generation_on_the_cpu_keeps_the_weights_and_lays_them_out_for_one_row_products(two_threads):

@@ -231,7 +231,7 @@ def grow_cache(model, cache, length):
     if cache is not None and cache.keys.shape[3] >= length:
         return cache
     size = min(model.config.block_size, max(length, 2 * (cache.keys.shape[3] if cache is not None else 256)))
-    weight = model.wte.weight
+    weight = model.ln_f.weight  # (an 8-bit model's wte.weight would be a float copy of the whole table)
     grown = KVCache(model.config, 1, weight.device, weight.dtype, size)
     if cache is not None:
         grown.keys[:, :, :, :cache.length] = cache.keys[:, :, :, :cache.length]

@@ -190,6 +190,9 @@ class KVCache:
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # positions filled
+        # each layer's (keys, values) of the first sequence, (n_kv_head, max_length, head_size) views
+        # made once: generating one sequence reads them per layer per token
+        self.first_sequence = [(self.keys[layer, 0], self.values[layer, 0]) for layer in range(config.n_layer)]
 
     def reset(self):
         self.length = 0
@@ -280,12 +283,16 @@ class CausalSelfAttention(nn.Module):
             qk = F.rms_norm(qk, (head_size,), eps=self.config.norm_eps)
         if rope is not None:
             qk = apply_rope(qk, *rope).view(n_head + n_kv_head, head_size)
-        keys, values = kv_cache.keys[self.layer_index, 0], kv_cache.values[self.layer_index, 0]
-        keys[:, pos] = qk[n_head:]
-        values[:, pos] = v
+        keys, values = kv_cache.first_sequence[self.layer_index]
+        keys.select(1, pos).copy_(qk[n_head:])  # (select and narrow: one operation each, where indexing takes two)
+        values.select(1, pos).copy_(v)
+        keys, values = keys.narrow(1, 0, pos + 1), values.narrow(1, 0, pos + 1)
         q = qk[:n_head].view(n_kv_head, n_head // n_kv_head, head_size)
-        scores = (q @ keys[:, :pos + 1].transpose(1, 2)) * (1.0 / math.sqrt(head_size))
-        y = scores.softmax(-1, dtype=torch.float32).to(v.dtype) @ values[:, :pos + 1]
+        scores = (q @ keys.transpose(1, 2)) * (1.0 / math.sqrt(head_size))
+        weights = scores.softmax(-1, dtype=torch.float32)
+        if weights.dtype != v.dtype:
+            weights = weights.to(v.dtype)
+        y = weights @ values
         return self.c_proj(y.view(1, 1, n_head * head_size))
 
     def _attention_by_hand(self, q, k, v, start_pos):
@@ -506,7 +513,9 @@ class GPT(nn.Module):
 def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
     """The distribution sampling draws from: logits / temperature, then everything outside
     the top_k and outside the smallest set whose probability reaches top_p set to -inf."""
-    logits = logits.float() / max(temperature, 1e-8)
+    logits = logits.float()
+    if temperature != 1.0:  # (dividing by 1 would change no number: one operation less per token)
+        logits = logits / max(temperature, 1e-8)
     if top_k is not None and 0 < top_k < logits.size(-1):
         kth_value = torch.topk(logits, top_k).values[..., -1, None]
         logits = logits.masked_fill(logits < kth_value, float("-inf"))

@@ -271,8 +271,8 @@ class CausalSelfAttention(nn.Module):
 
     def _attend_next_token(self, qkv, pos, kv_cache, rope):
         """Attention for one new token of one sequence (generation): the numbers of forward's general
-        path in a third of its operations. Each operation has a fixed cost of about a
-        microsecond, more than its arithmetic on vectors this small, and a real model runs this
+        path in a third of its operations. Each operation has a fixed cost of a few
+        microseconds, more than its arithmetic on vectors this small, and a real model runs this
         once per layer per token. The queries that share a key/value head are stacked as its
         rows, so grouped-query attention copies nothing, and three small products replace
         scaled_dot_product_attention, whose CPU kernel costs more to set up than they do."""

@@ -76,6 +76,11 @@ def quantize_groups(weight, group_size=GROUP_SIZE):
     return values.reshape(rows, cols), scale.to(torch.float16)
 
 
+def dequantize_rows(values, scale, dtype=torch.float32):
+    """quantize_rows' numbers as a float matrix (or rows of one: any leading shape)."""
+    return values.to(dtype) * scale.to(dtype)[..., None]
+
+
 def row_scales_as_groups(scale, cols, group_size=GROUP_SIZE):
     """quantize_rows' scale per row as float16 scales per group of a row (all a row's groups
     alike): model.bin version 3's layout holding the numbers the model runs with."""
@@ -129,7 +134,7 @@ class Int8Linear(nn.Module):
             # many rows (reading a prompt): arithmetic is the work, and the kernel is slow at it, so the
             # float matrix is rebuilt once for all the rows (this is also the path for other devices);
             # what goes in and what comes out are rounded to bfloat16, as the kernel rounds them
-            weight = self.weight_int8.to(x.dtype) * self.scale.to(x.dtype)[:, None]
+            weight = dequantize_rows(self.weight_int8, self.scale, x.dtype)
             y = F.linear(rows.to(torch.bfloat16).to(x.dtype), weight).to(torch.bfloat16).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -151,10 +156,10 @@ class Int8Embedding(nn.Module):
     def weight(self):
         """The table as the model sees it (values times scales), for code that reads the embedding
         (explain.py's nearest tokens): a float copy, made on each call."""
-        return self.weight_int8.to(self.dtype) * self.scale[:, None].to(self.dtype)
+        return dequantize_rows(self.weight_int8, self.scale, self.dtype)
 
     def forward(self, idx):
-        return self.weight_int8[idx].to(self.dtype) * self.scale[idx, None].to(self.dtype)
+        return dequantize_rows(self.weight_int8[idx], self.scale[idx], self.dtype)
 
 
 def quantize_model(model, kind):
@@ -170,8 +175,7 @@ def quantize_model(model, kind):
         # GPT-2's position table is read a row per token, never multiplied, so its bytes do not set
         # the speed: it stays float32, holding its 8-bit numbers (as model.bin version 3 stores it)
         with torch.no_grad():
-            values, scale = quantize_rows(model.wpe.weight)
-            model.wpe.weight.copy_(values.float() * scale.float()[:, None])
+            model.wpe.weight.copy_(dequantize_rows(*quantize_rows(model.wpe.weight)))
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and not (tied and child is model.lm_head):

@@ -759,6 +759,10 @@ def real_figures(program, model, inputs_file, new_tokens, repeats, score=True):
                "load_s": load_seconds}
     if program.startswith("ours"):
         figures["products_ms"] = weight_products_ms(ours)
+    if program == "ours q8_0":
+        from model.quant import products_description
+
+        figures["products"] = products_description("cpu")
     if score:
         nats = 0.0
         for window in windows:
@@ -807,6 +811,8 @@ def bench_real(cfg, rows):
                     best["products_ms"] = min(best["products_ms"], these["products_ms"])
     names = {"ours": "sample.py float32", "ours q8_0": "sample.py --quant=q8_0", "transformers": "transformers float32"}
     names.update({p: f"llama.cpp {os.path.basename(p.split(' ', 1)[1])}" for p in programs if p.startswith("llama.cpp")})
+    if "products" in figures["ours q8_0"]:
+        print(f"real: sample.py --quant=q8_0 multiplies by {figures['ours q8_0']['products']}", file=sys.stderr)
     model_name = os.path.basename(cfg.model.rstrip("/"))
     for program in programs:
         f = figures[program]

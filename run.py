@@ -320,25 +320,8 @@ def load_model(path):
 # ---- the forward pass ---------------------------------------------------------------------------
 # Every array is float32, as in torch. (Python numbers keep it so; numpy's float64 would not.)
 
-def bfloat16_rounded(x):
-    """x rounded to bfloat16's 8 significant bits (to nearest, ties to even) and kept as float32:
-    the top half of each float32's bits, rounded by what the bottom half holds."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    bits = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
-    return bits.view(np.float32)
-
-
-def product(model, x, matrix):
-    """x times a weight matrix's transpose. A version 3 (8-bit) file's matrices take and give
-    bfloat16-rounded numbers, as in sample.py --quant=q8_0 (the int8 kernel's precision): the
-    same numbers in both programs, so the same greedy text."""
-    if model.version == VERSION_8BIT:
-        return bfloat16_rounded(bfloat16_rounded(x) @ matrix.T)
-    return x @ matrix.T
-
-
 def linear(model, name, x):
-    y = product(model, x, model.weights[name + ".weight"])
+    y = x @ model.weights[name + ".weight"].T
     bias = model.weights.get(name + ".bias")
     return y if bias is None else y + bias
 
@@ -432,7 +415,7 @@ def forward(model, ids, cache):
         x = x + mlp(model, b, norm(model, b + "ln_2", x))
     cache.length += len(ids)
     output = w["wte.weight" if c.tie_embeddings else "lm_head.weight"]  # tied: the embedding scores tokens
-    logits = product(model, norm(model, "ln_f", x), output)
+    logits = norm(model, "ln_f", x) @ output.T
     if c.logit_softcap:  # a smooth ceiling: large scores bend towards +-softcap
         logits = c.logit_softcap * np.tanh(logits / c.logit_softcap)
     return logits

@@ -9,26 +9,28 @@ as bits per byte on held-out text).
 
 One rounding rule (a weight w becomes round(w / scale), scale = max |w| / 127 of the numbers
 that share it), two layouts:
-  quantize_rows    one scale per output row: what PyTorch's int8 weight-only kernel
-                   (torch._weight_int8pack_mm, int8 weights times bfloat16 activations) takes,
-                   the fastest correct way we measured to multiply by 8-bit weights on a CPU.
-                   The model runs this way (quantize_model), and model.bin version 3 (export.py
-                   --quant=q8_0) stores these very numbers, so run.py computes what sample.py
-                   --quant=q8_0 computes.
+  quantize_rows    one scale per output row, what the model runs with (quantize_model):
+                   generation's products go through our C kernel (model/int8_matvec.c, int8
+                   weights times float32 activations, at the speed of memory), and model.bin
+                   version 3 (export.py --quant=q8_0) stores these very numbers, so run.py
+                   computes what sample.py --quant=q8_0 computes.
   quantize_groups  one float16 scale per 32 consecutive numbers of a row: llama.cpp's Q8_0,
                    written to GGUF files (export.py --format=gguf --quant=q8_0). model.bin
                    version 3 has Q8_0's layout too, with every group of a row given its row's
                    scale (row_scales_as_groups).
 
-Every product of the 8-bit model takes and gives bfloat16-rounded numbers, the kernel's own
-precision (the kernel rounds them; the path for many rows rounds them the same way), so a
-prompt's positions and generated tokens are computed alike, and run.py rounds them the same.
+Every product of the 8-bit model is computed in float32 from the int8 numbers and their
+scales, a few rows at a time by the C kernel and a prompt's many rows by the rebuilt float
+matrix: the same numbers, up to the order of float32 sums. Where no C compiler is found, the
+few-rows path is PyTorch's int8 kernel instead, which rounds what goes in and what comes out
+to bfloat16 (about 1% of each product: the same greedy text on the models we tested, slower).
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import int8_matvec
 from model.errors import UserError
 
 QUANT_KINDS = ("q8_0",)  # '' (no quantization) is the default everywhere
@@ -50,8 +52,9 @@ SMALLEST_SCALE = 2.0**-17  # the smallest scale whose bfloat16 value float16 als
 
 def quantize_rows(weight):
     """(int8 values, bfloat16 scale per row) with weight ~ values * scale[:, None]. The scale is
-    rounded to bfloat16 (the kernel multiplies by it in that precision) before the values are
-    rounded against it, so the two together are the best 8-bit fit that the kernel can use.
+    rounded to bfloat16 (PyTorch's int8 kernel, the fallback, multiplies by it in that precision)
+    before the values are rounded against it, so the two together are the best 8-bit fit that
+    both kernels can use.
     A nonzero row's scale is at least SMALLEST_SCALE (a row whose largest weight is under
     0.001 gets a coarser step than it could): every scale is then exact in float16 too, the
     type model.bin's scales have, so the file holds exactly these numbers."""
@@ -95,20 +98,22 @@ def dequantize_groups(values, scales, group_size=GROUP_SIZE):
     return groups.reshape(rows, cols)
 
 
-KERNEL_MAX_ROWS = 16  # up to this many rows at a time go through the int8 kernel (bench.py: prompt vs tokens)
+def products_description(device):
+    """How the 8-bit model multiplies a token on this device, for the scripts to say."""
+    if torch.device(device).type != "cpu":
+        return "each matrix rebuilt in float as it multiplies"
+    kernel = int8_matvec.kernel()
+    if kernel is None:
+        return "PyTorch's int8 kernel: no C compiler found for ours"
+    return f"our C kernel, {kernel.instructions}" + (", OpenMP threads" if kernel.threads else ", one thread")
 
 
-def int8_kernel_fits(in_features, device):
-    # The CPU kernel reads 16 activations at a time and gives wrong numbers (or crashes) when a
-    # row's length is not a multiple of 16; other devices dequantize instead (see Int8Linear).
-    return in_features % 16 == 0 and device.type == "cpu"
+KERNEL_MAX_ROWS = 16  # up to this many rows at a time go through the kernels (bench.py: prompt vs tokens)
 
 
 class Int8Linear(nn.Module):
-    """A Linear layer whose weight is int8 with one scale per output row. It multiplies with
-    bfloat16 activations (the kernel's fastest form: the products are summed in float32, and
-    the result rounded to bfloat16) and hands back the input's dtype, so the layers around it
-    are unchanged."""
+    """A Linear layer whose weight is int8 with one scale per output row. It takes and gives the
+    activations' dtype, so the layers around it are unchanged."""
 
     def __init__(self, values, scale, bias=None):
         super().__init__()
@@ -117,6 +122,10 @@ class Int8Linear(nn.Module):
         # the embedding's own parameter and scale, so the matrix is stored once
         self.weight_int8 = values if isinstance(values, nn.Parameter) else nn.Parameter(values, requires_grad=False)
         self.register_buffer("scale", scale)
+        # the C kernel's copy of the scales, and the numbers as it reads them: contiguous, one row after another
+        self.register_buffer("scale_float32", scale.float().contiguous(), persistent=False)
+        if not self.weight_int8.is_contiguous():
+            raise ValueError("Int8Linear needs its int8 matrix contiguous")
         self.bias = bias
 
     @classmethod
@@ -127,15 +136,19 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= KERNEL_MAX_ROWS and int8_kernel_fits(self.in_features, x.device):
+        few_rows = rows.shape[0] <= KERNEL_MAX_ROWS and x.device.type == "cpu"
+        kernel = int8_matvec.kernel() if few_rows and x.dtype == torch.float32 else None
+        if kernel is not None:
             # a few rows (generating): reading the weights is the work, and int8 is a quarter of the bytes
+            y = int8_matvec.int8_matvec(kernel, rows, self.weight_int8, self.scale_float32)
+        elif few_rows and self.in_features % 16 == 0:
+            # no C compiler here: PyTorch's int8 kernel, in bfloat16 (its CPU version reads 16
+            # activations at a time and is wrong for rows of other lengths)
             y = torch._weight_int8pack_mm(rows.to(torch.bfloat16).contiguous(), self.weight_int8, self.scale).to(x.dtype)
         else:
-            # many rows (reading a prompt): arithmetic is the work, and the kernel is slow at it, so the
-            # float matrix is rebuilt once for all the rows (this is also the path for other devices);
-            # what goes in and what comes out are rounded to bfloat16, as the kernel rounds them
-            weight = dequantize_rows(self.weight_int8, self.scale, x.dtype)
-            y = F.linear(rows.to(torch.bfloat16).to(x.dtype), weight).to(torch.bfloat16).to(x.dtype)
+            # many rows (reading a prompt): arithmetic is the work, so the float matrix is rebuilt once
+            # for all the rows (this is also the path for other devices)
+            y = F.linear(rows, dequantize_rows(self.weight_int8, self.scale, x.dtype))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features)

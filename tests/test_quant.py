@@ -3,7 +3,8 @@
 The 8-bit layouts are checked against llama.cpp's own Q8_0 quantizer (the gguf package); the
 generation shortcuts (inference-only RMSNorm call, grouped-query attention without copies,
 logits of the last position only, int8 products) against the forward pass that training runs;
-and model.bin version 3 in run.py against torch holding the very same 8-bit numbers."""
+each version of the C kernel against float64 arithmetic on the same int8 numbers; and model.bin
+version 3 in run.py against torch holding the very same 8-bit numbers."""
 
 import copy
 
@@ -15,12 +16,16 @@ import torch.nn.functional as F
 import run
 from conftest import TINY_MODEL, assert_clean_error, run_script
 from model.checkpoint import load_checkpoint, load_model, model_from_checkpoint
+from model import int8_matvec
 from model.gpt import GPT, GPTConfig, KVCache
 from model.quant import (Int8Linear, dequantize_groups, quantize_groups, quantize_model, quantize_rows)
 
-# bfloat16 activations keep 8 significant bits: a product of a few hundred terms is good to
-# about 1% of its size, on top of the int8 weights' own rounding
+# what rounding every weight to one of 255 levels does to a product (or to a model's logits),
+# against the float layer it came from
 INT8_TOLERANCE = 0.03
+# PyTorch's int8 kernel (the fallback where no C compiler is found) rounds activations to bfloat16,
+# 8 significant bits: a product of a few hundred terms is good to about 1% of its size
+BFLOAT16_TOLERANCE = 0.01
 
 
 @pytest.fixture(autouse=True)
@@ -70,9 +75,11 @@ def test_row_quantization_is_within_half_a_step():
     assert (rebuilt[3] == 0).all()
 
 
-# 64 x 3 rows: the int8 kernel; 40 (not a multiple of 16): the dequantizing path; 64 x 40 rows: a prompt
-@pytest.mark.parametrize("in_features, rows", [(64, 3), (40, 3), (64, 40)])
+# 3 rows: the C kernel; 64 x 40 rows: a prompt (the rebuilt float matrix); 40 and 33 numbers a row:
+# not whole vectors of any instruction set (the kernels' leftover loop)
+@pytest.mark.parametrize("in_features, rows", [(64, 3), (40, 3), (33, 1), (64, 40)])
 def test_int8_linear_matches_the_float_layer_it_came_from(in_features, rows):
+    assert int8_matvec.kernel() is not None, "the C kernel did not build (is a C compiler installed?)"
     torch.manual_seed(0)
     linear = torch.nn.Linear(in_features, 48)
     int8 = Int8Linear.from_linear(linear)
@@ -80,12 +87,58 @@ def test_int8_linear_matches_the_float_layer_it_came_from(in_features, rows):
     with torch.no_grad():
         expected = linear(x)
         got = int8(x)
-        # the same 8-bit numbers in float32 arithmetic: only the activations' rounding differs
+        # the same 8-bit numbers in float64 arithmetic: only the order of float32 sums differs
         values, scale = quantize_rows(linear.weight)
-        same_numbers = F.linear(x.bfloat16().float(), values.float() * scale.float()[:, None], linear.bias)
+        same_numbers = F.linear(x.double(), values.double() * scale.double()[:, None], linear.bias.double())
     assert got.shape == expected.shape and got.dtype == torch.float32
     assert (got - expected).abs().max() <= INT8_TOLERANCE * expected.abs().max()
-    assert (got - same_numbers).abs().max() <= 0.01 * same_numbers.abs().max()
+    assert (got.double() - same_numbers).abs().max() <= 1e-5 * same_numbers.abs().max()
+
+
+@pytest.mark.parametrize("instructions", ["native", "avx2", "portable"])
+def test_each_version_of_the_c_kernel_computes_the_product(instructions, tmp_path):
+    """The C file has a version per instruction set; each is built here as a processor with only
+    those instructions would build it, and checked against float64 on the same int8 numbers."""
+    import platform
+
+    flags = {"native": ("-O3", "-march=native", "-fopenmp"), "avx2": ("-O3", "-mavx2", "-mfma"),
+             "portable": ("-O3",)}[instructions]
+    if instructions == "avx2" and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("AVX2 is an x86 instruction set")
+    path = int8_matvec.build(flags, str(tmp_path))
+    assert path is not None, "the C kernel did not build"
+    function = int8_matvec.load(path)
+    assert function.instructions == (instructions if instructions != "native" else int8_matvec.kernel().instructions)
+    generator = torch.Generator().manual_seed(4)
+    for rows, out_features, in_features in [(1, 70, 576), (3, 33, 100), (16, 5, 7), (2, 1, 1536)]:
+        values = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
+        scale = torch.rand(out_features, generator=generator) * 0.01
+        x = torch.randn(rows, in_features, generator=generator)
+        got = int8_matvec.int8_matvec(function, x, values, scale)
+        expected = (x.double() @ values.double().T) * scale.double()
+        assert got.shape == (rows, out_features)
+        assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max(), (rows, out_features, in_features)
+        # one x row's numbers do not depend on how many rows share the call
+        assert torch.equal(got[-1:], int8_matvec.int8_matvec(function, x[-1:], values, scale))
+
+
+def test_without_a_c_compiler_the_8_bit_model_uses_pytorchs_kernel(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # (so that no library built before is found)
+    monkeypatch.setattr(int8_matvec, "_kernel", None)
+    assert int8_matvec.kernel() is None
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    int8 = Int8Linear.from_linear(linear)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        values, scale = quantize_rows(linear.weight)
+        same_numbers = F.linear(x, values.float() * scale.float()[:, None], linear.bias)
+        got = int8(x)
+    assert (got - same_numbers).abs().max() <= BFLOAT16_TOLERANCE * same_numbers.abs().max()
+    assert not torch.equal(got, same_numbers)  # (bfloat16: PyTorch's kernel, not the C one)
+    model = quantize_model(tiny("llama"), "q8_0")
+    assert len(list(model.generate([1, 2, 3], 5, temperature=0))) == 5
 
 
 # ---- the generation shortcuts against the forward pass training runs ------------------------
@@ -219,8 +272,8 @@ def test_model_bin_version_3_runs_like_sample_py_with_the_same_8_bit_numbers(tra
     ids = tokenizer.encode("alpha bravo charlie delta")
     with torch.no_grad():
         expected = quantized(torch.tensor([ids]))[0][0].numpy()
-    # both round every product to bfloat16; only the order of float32 sums differs
-    assert np.abs(run.logits_of(ours, ids) - expected).max() <= 0.01 * np.abs(expected).max()
+    # both multiply the same numbers in float32; only the order of the sums differs
+    assert np.abs(run.logits_of(ours, ids) - expected).max() <= 1e-4 * np.abs(expected).max()
     # greedy text: run.py on the file, sample.py --quant=q8_0 on the checkpoint, as users run them
     prompt = "delta echo "
     run_text = run_script("run.py", str(int8_file), f"--prompt={prompt}", "--max_new_tokens=40",
@@ -228,12 +281,6 @@ def test_model_bin_version_3_runs_like_sample_py_with_the_same_8_bit_numbers(tra
     sample_text = run_script("sample.py", f"--out_dir={folder}", f"--prompt={prompt}", "--max_new_tokens=40",
                              "--temperature=0", "--device=cpu", "--quant=q8_0").stdout
     assert run_text == sample_text and len(run_text) > 40
-
-
-def test_bfloat16_rounding_in_run_py_is_torchs():
-    x = np.concatenate([np.random.default_rng(0).standard_normal(10_000).astype(np.float32) * 1e3,
-                        np.float32([0.0, -0.0, 1.0, 1.00390625, 1.01171875, 3e38, -3e38, 1e-40])])
-    assert np.array_equal(run.bfloat16_rounded(x), torch.from_numpy(x).bfloat16().float().numpy())
 
 
 def test_damaged_version_3_file_is_refused_clearly(trained, tmp_path):

@@ -85,16 +85,17 @@ def kernel():
     return _kernel or None
 
 
-def int8_matvec(function, rows, values, scale):
-    """rows (M, in) float32 times the int8 matrix values (out, in) with a float32 scale (out,) per
-    row: (M, out) float32. C reads raw memory, so the shapes, types and layouts are checked here;
+def int8_matvec(function, x, values, scale):
+    """x (..., in) float32 times the int8 matrix values (out, in) with a float32 scale (out,) per
+    row: (..., out) float32. C reads raw memory, so the types and shapes are checked here;
     values and scale are a layer's fixed numbers (model/quant.py's Int8Linear checks their layout once)."""
     out_features, in_features = values.shape
-    if rows.dtype != torch.float32 or rows.dim() != 2 or rows.shape[1] != in_features:
-        raise ValueError(f"int8_matvec takes float32 rows of {in_features} numbers, not {rows.dtype} {tuple(rows.shape)}")
-    if values.dtype != torch.int8 or scale.dtype != torch.float32:  # (a model cast to float16 casts its scales)
+    if x.dtype is not torch.float32 or x.shape[-1] != in_features:
+        raise ValueError(f"int8_matvec takes float32 rows of {in_features} numbers, not {x.dtype} {tuple(x.shape)}")
+    if values.dtype is not torch.int8 or scale.dtype is not torch.float32:  # (a model cast to float16 casts its scales)
         raise ValueError(f"int8_matvec takes int8 values and float32 scales, not {values.dtype} and {scale.dtype}")
-    rows = rows.contiguous()
-    y = torch.empty(rows.shape[0], out_features)
-    function(rows.data_ptr(), values.data_ptr(), scale.data_ptr(), y.data_ptr(), rows.shape[0], out_features, in_features)
+    x = x.contiguous()
+    y = torch.empty(*x.shape[:-1], out_features)
+    function(x.data_ptr(), values.data_ptr(), scale.data_ptr(), y.data_ptr(), x.numel() // in_features, out_features,
+             in_features)
     return y

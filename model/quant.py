@@ -50,19 +50,24 @@ def round_half_away(x):
 SMALLEST_SCALE = 2.0**-17  # the smallest scale whose bfloat16 value float16 also holds exactly
 
 
-def quantize_rows(weight):
+def quantize_rows(weight, rows_at_a_time=4096):
     """(int8 values, bfloat16 scale per row) with weight ~ values * scale[:, None]. The scale is
     rounded to bfloat16 (PyTorch's int8 kernel, the fallback, multiplies by it in that precision)
     before the values are rounded against it, so the two together are the best 8-bit fit that
-    both kernels can use.
-    A nonzero row's scale is at least SMALLEST_SCALE (a row whose largest weight is under
-    0.001 gets a coarser step than it could): every scale is then exact in float16 too, the
-    type model.bin's scales have, so the file holds exactly these numbers."""
-    weight = weight.detach().float()
-    scale = weight.abs().amax(dim=1) / 127
+    both kernels can use. A nonzero row's scale is at least SMALLEST_SCALE (a row whose largest
+    weight is under 0.001 gets a coarser step than it could): every scale is then exact in float16
+    too, the type model.bin's scales have, so the file holds exactly these numbers. The rows are
+    rounded rows_at_a_time at once: the rounding's float temporaries of a whole embedding (four of
+    113 MB for SmolLM2's) would be the largest memory of loading a model in 8 bits."""
+    weight = weight.detach()
+    chunks = [slice(start, start + rows_at_a_time) for start in range(0, len(weight), rows_at_a_time)] or [slice(0, 0)]
+    scale = torch.cat([weight[rows].abs().amax(dim=1) for rows in chunks]).float() / 127
     scale = torch.where(scale > 0, scale.clamp(min=SMALLEST_SCALE), scale).to(torch.bfloat16)
     inverse = torch.where(scale > 0, 1 / scale.float(), torch.zeros(()))  # an all-zero row stays zero
-    return round_half_away(weight * inverse[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scale
+    values = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    for rows in chunks:
+        values[rows] = round_half_away(weight[rows].float() * inverse[rows, None]).clamp(-127, 127)
+    return values, scale
 
 
 def quantize_groups(weight, group_size=GROUP_SIZE):

@@ -73,6 +73,8 @@ def test_row_quantization_is_within_half_a_step():
     assert values.abs().max() <= 127 and values.dtype == torch.int8 and scale.dtype == torch.bfloat16
     assert ((rebuilt - weight).abs() <= scale.float()[:, None] * 0.51 + 1e-12).all()  # clamping aside, half a step
     assert (rebuilt[3] == 0).all()
+    few_at_a_time = quantize_rows(weight, rows_at_a_time=7)  # (the rows are rounded in chunks, to bound memory)
+    assert torch.equal(few_at_a_time[0], values) and torch.equal(few_at_a_time[1], scale)
 
 
 # 3 rows: the C kernel; 64 x 40 rows: a prompt (the rebuilt float matrix); 40 and 33 numbers a row:

@@ -125,9 +125,14 @@ def test_each_version_of_the_c_kernel_computes_the_product(instructions, tmp_pat
             assert torch.equal(got[row], int8_matvec.int8_matvec(function, x[row:row + 1], values, scale)[0])
 
 
-def test_without_a_c_compiler_the_8_bit_model_uses_pytorchs_kernel(monkeypatch, tmp_path):
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # (so that no library built before is found)
+@pytest.mark.parametrize("missing", ["compiler", "writable cache folder"])
+def test_without_a_c_compiler_the_8_bit_model_uses_pytorchs_kernel(missing, monkeypatch, tmp_path):
+    if missing == "compiler":
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # (so that no library built before is found)
+    else:
+        (tmp_path / "a-file").write_text("")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))  # no folder can be made in it
     monkeypatch.setattr(int8_matvec, "_kernel", None)
     assert int8_matvec.kernel() is None
     torch.manual_seed(0)

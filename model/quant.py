@@ -117,6 +117,11 @@ def products_description(device):
 # forward pass: 1 row 11 ms, 16 rows 44 ms, 64 rows 157 ms by our C kernel, against 82, 128 and
 # 189 ms rebuilding the float matrices; past about 100 rows rebuilding is faster (512: 0.9 s
 # against 1.5 s).
+def weights_description(kind, device):
+    """' in 8 bits (q8_0; how it multiplies)' for a script's model line, or '' for float weights."""
+    return f" in 8 bits ({kind}; {products_description(device)})" if kind else ""
+
+
 KERNEL_MAX_ROWS = 64
 FALLBACK_MAX_ROWS = 16  # the same for PyTorch's int8 kernel, slower at many rows
 

@@ -7,6 +7,8 @@ each version of the C kernel against float64 arithmetic on the same int8 numbers
 version 3 in run.py against torch holding the very same 8-bit numbers."""
 
 import copy
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -18,7 +20,8 @@ from conftest import TINY_MODEL, assert_clean_error, run_script
 from model.checkpoint import load_checkpoint, load_model, model_from_checkpoint
 from model import int8_matvec
 from model.gpt import GPT, GPTConfig, KVCache
-from model.quant import (Int8Linear, dequantize_groups, quantize_groups, quantize_model, quantize_rows)
+from model.quant import (Int8Linear, dequantize_groups, products_description, quantize_groups, quantize_model,
+                         quantize_rows)
 
 # what rounding every weight to one of 255 levels does to a product (or to a model's logits),
 # against the float layer it came from
@@ -26,6 +29,12 @@ INT8_TOLERANCE = 0.03
 # PyTorch's int8 kernel (the fallback where no C compiler is found) rounds activations to bfloat16,
 # 8 significant bits: a product of a few hundred terms is good to about 1% of its size
 BFLOAT16_TOLERANCE = 0.01
+
+
+# A machine without a C compiler runs the 8-bit model on PyTorch's kernel (tested below); the tests
+# of our kernel need one to build it (CI has one, so there they always run)
+needs_a_c_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None,
+                                        reason="no C compiler (cc): the 8-bit model uses PyTorch's int8 kernel")
 
 
 @pytest.fixture(autouse=True)
@@ -80,8 +89,9 @@ def test_row_quantization_is_within_half_a_step():
 # 3 rows: the C kernel; 64 x 40 rows: a prompt (the rebuilt float matrix); 40 and 33 numbers a row:
 # not whole vectors of any instruction set (the kernels' leftover loop)
 @pytest.mark.parametrize("in_features, rows", [(64, 3), (40, 3), (33, 1), (64, 40)])
+@needs_a_c_compiler
 def test_int8_linear_matches_the_float_layer_it_came_from(in_features, rows):
-    assert int8_matvec.kernel() is not None, "the C kernel did not build (is a C compiler installed?)"
+    assert int8_matvec.kernel() is not None, "the C kernel did not build"
     torch.manual_seed(0)
     linear = torch.nn.Linear(in_features, 48)
     int8 = Int8Linear.from_linear(linear)
@@ -97,6 +107,7 @@ def test_int8_linear_matches_the_float_layer_it_came_from(in_features, rows):
     assert (got.double() - same_numbers).abs().max() <= 1e-5 * same_numbers.abs().max()
 
 
+@needs_a_c_compiler
 @pytest.mark.parametrize("instructions", ["native", "avx2", "portable"])
 def test_each_version_of_the_c_kernel_computes_the_product(instructions, tmp_path):
     """The C file has a version per instruction set; each is built here as a processor with only
@@ -235,7 +246,7 @@ def test_sample_py_q8_0_writes_the_float_models_greedy_text(trained, arch):
             "--temperature=0", "--device=cpu"]
     float_text, int8 = run_script(*args).stdout, run_script(*args, "--quant=q8_0")
     assert int8.stdout == float_text and len(float_text) > 40
-    assert "in 8 bits (q8_0; our C kernel" in int8.stderr
+    assert f"in 8 bits (q8_0; {products_description('cpu')})" in int8.stderr  # (our C kernel, where cc is found)
     # in-process: the logits of the whole prompt within the stated tolerance
     model, tokenizer, _ = load_model("resume", str(trained[arch]))
     quantized = quantize_model(copy.deepcopy(model), "q8_0")
@@ -280,15 +291,18 @@ def test_model_bin_version_3_runs_like_sample_py_with_the_same_8_bit_numbers(tra
     ids = tokenizer.encode("alpha bravo charlie delta")
     with torch.no_grad():
         expected = quantized(torch.tensor([ids]))[0][0].numpy()
-    # both multiply the same numbers in float32; only the order of the sums differs
-    assert np.abs(run.logits_of(ours, ids) - expected).max() <= 1e-4 * np.abs(expected).max()
+    # both multiply the same numbers in float32; only the order of the sums differs (where no C
+    # compiler is found, PyTorch's kernel multiplies instead and rounds activations to bfloat16)
+    ours_exactly = int8_matvec.kernel() is not None
+    tolerance = 1e-4 if ours_exactly else BFLOAT16_TOLERANCE
+    assert np.abs(run.logits_of(ours, ids) - expected).max() <= tolerance * np.abs(expected).max()
     # greedy text: run.py on the file, sample.py --quant=q8_0 on the checkpoint, as users run them
     prompt = "delta echo "
     run_text = run_script("run.py", str(int8_file), f"--prompt={prompt}", "--max_new_tokens=40",
                           "--temperature=0").stdout
     sample_text = run_script("sample.py", f"--out_dir={folder}", f"--prompt={prompt}", "--max_new_tokens=40",
                              "--temperature=0", "--device=cpu", "--quant=q8_0").stdout
-    assert run_text == sample_text and len(run_text) > 40
+    assert len(run_text) > 40 and (run_text == sample_text or not ours_exactly)
 
 
 def test_damaged_version_3_file_is_refused_clearly(trained, tmp_path):

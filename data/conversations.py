@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from data.dataset import write_meta
 from model.chat import DEFAULT_CHAT_TEMPLATE, check_messages, encode_conversation, render_messages, with_chat_template
 from model.errors import UserError
 from model.files import atomic_write
@@ -195,21 +196,14 @@ def prepare_conversations(name, source, kind, why, vocab_size, tokenizer_file, s
             with files.enter_context(atomic_write(out_dir / "tokenizer.json", "w", encoding="utf-8")) as f:
                 json.dump(tokenizer.to_dict(), f)
             (out_dir / "meta.json").unlink(missing_ok=True)
-        meta = {
-            "name": name, "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
-            "dtype": np.dtype(dtype).name,
-            "train_tokens": counts["train"]["tokens"], "val_tokens": counts["val"]["tokens"],
-            "train_bytes": counts["train"]["bytes"], "val_bytes": counts["val"]["bytes"],
-            "documents": len(conversations), "source": source, "sha256": sha256.hexdigest(),
-            "eos_id": tokenizer.eos_id, "split_by": "conversations",
+        meta = write_meta(
+            out_dir, name, tokenizer, dtype, [counts[split]["tokens"] for split in ("train", "val")],
+            [counts[split]["bytes"] for split in ("train", "val")], len(conversations), source, sha256.hexdigest(),
+            "conversations",
             # the loss is taken on the trained tokens only (data/loader.py reads the mask)
-            "mask": True,
+            mask=True,
             **{f"{split}_{key}": value for split in ("train", "val")
-               for key, value in counts[split].items() if key in ("conversations", "trained_tokens", "trained_bytes")},
-        }
-        with atomic_write(out_dir / "meta.json", "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+               for key, value in counts[split].items() if key in ("conversations", "trained_tokens", "trained_bytes")})
     finally:
         if created and out_dir.exists() and not any(out_dir.iterdir()):
             out_dir.rmdir()

@@ -352,6 +352,20 @@ def encode_pieces(tokenizer, pieces, dtype, files):
 # ---------------------------------------------------------------- writing
 
 
+def write_meta(out_dir, name, tokenizer, dtype, tokens, nbytes, documents, source, sha256, split_by, **extra):
+    """Write out_dir/meta.json, last: the record that a preparation is complete, which training
+    reads. The keys every prepared set has (tokens and bytes per split as (train, val)), then
+    what a kind of set adds (extra: conversations' mask and trained-token counts). Returns it."""
+    meta = {"name": name, "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
+            "dtype": np.dtype(dtype).name, "train_tokens": tokens[0], "val_tokens": tokens[1],
+            "train_bytes": nbytes[0], "val_bytes": nbytes[1], "documents": documents, "source": source,
+            "sha256": sha256, "eos_id": tokenizer.eos_id, "split_by": split_by, **extra}
+    with atomic_write(Path(out_dir) / "meta.json", "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    return meta
+
+
 def prepare(name, input=None, tokenizer=None, vocab_size=0, tokenizer_file=None, split="train",
             text_field="text", max_bytes=0, val_fraction=0.1, data_root="data"):
     """Read, split, tokenize and write data_root/name/; returns the meta dict (also in meta.json)."""
@@ -401,24 +415,8 @@ def prepare(name, input=None, tokenizer=None, vocab_size=0, tokenizer_file=None,
             # meta.json marks a complete preparation: drop the old one before the new files replace
             # the old ones, so a crash in between never leaves a meta.json describing the wrong files.
             (out_dir / "meta.json").unlink(missing_ok=True)
-        meta = {
-            "name": name,
-            "tokenizer": tok.kind,
-            "vocab_size": tok.vocab_size,
-            "dtype": np.dtype(dtype).name,
-            "train_tokens": tokens[0],
-            "val_tokens": tokens[1],
-            "train_bytes": nbytes[0],
-            "val_bytes": nbytes[1],
-            "documents": len(documents),
-            "source": description,
-            "sha256": sha256.hexdigest(),
-            "eos_id": tok.eos_id,
-            "split_by": split_by,
-        }
-        with atomic_write(out_dir / "meta.json", "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+        meta = write_meta(out_dir, name, tok, dtype, tokens, nbytes, len(documents), description, sha256.hexdigest(),
+                          split_by)
     finally:
         if created and out_dir.exists() and not any(out_dir.iterdir()):
             out_dir.rmdir()

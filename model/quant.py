@@ -57,8 +57,8 @@ def quantize_rows(weight, rows_at_a_time=4096):
     both kernels can use. A nonzero row's scale is at least SMALLEST_SCALE (a row whose largest
     weight is under 0.001 gets a coarser step than it could): every scale is then exact in float16
     too, the type model.bin's scales have, so the file holds exactly these numbers. The rows are
-    rounded rows_at_a_time at once: the rounding's float temporaries of a whole embedding (four of
-    113 MB for SmolLM2's) would be the largest memory of loading a model in 8 bits."""
+    rounded rows_at_a_time at once, so the rounding's float temporaries never span a whole
+    embedding (four of 113 MB at once for SmolLM2's)."""
     weight = weight.detach()
     chunks = [slice(start, start + rows_at_a_time) for start in range(0, len(weight), rows_at_a_time)] or [slice(0, 0)]
     scale = torch.cat([weight[rows].abs().amax(dim=1) for rows in chunks]).float() / 127

@@ -301,7 +301,7 @@ def load_model(path):
             # int8 values, then one float16 scale per group (export.py gives a row's groups one scale,
             # the row's: the numbers sample.py --quant=q8_0 runs with; any scales read the same way):
             # the float32 matrix is rebuilt here, once
-            # (measured faster than rebuilding each matrix whenever it multiplies; see README.md)
+            # (measured faster than rebuilding each matrix whenever it multiplies; see docs/model-bin.md)
             rows, cols = shape
             values = np.frombuffer(data, dtype=np.int8, count=rows * cols, offset=position)
             scales = np.frombuffer(data, dtype="<f2", count=rows * cols // GROUP_SIZE, offset=position + rows * cols)

@@ -113,15 +113,15 @@ def products_description(device):
     return f"our C kernel, {kernel.instructions}" + (", OpenMP threads" if kernel.threads else ", one thread")
 
 
-# Up to this many rows at a time go through the kernels. Measured on SmolLM2-135M (2 cores), one
-# forward pass: 1 row 11 ms, 16 rows 44 ms, 64 rows 157 ms by our C kernel, against 82, 128 and
-# 189 ms rebuilding the float matrices; past about 100 rows rebuilding is faster (512: 0.9 s
-# against 1.5 s).
 def weights_description(kind, device):
     """' in 8 bits (q8_0; how it multiplies)' for a script's model line, or '' for float weights."""
     return f" in 8 bits ({kind}; {products_description(device)})" if kind else ""
 
 
+# Up to this many rows at a time go through the kernels. Measured on SmolLM2-135M (2 cores), one
+# forward pass: 1 row 11 ms, 16 rows 44 ms, 64 rows 157 ms by our C kernel, against 82, 128 and
+# 189 ms rebuilding the float matrices; past about 100 rows rebuilding is faster (512: 0.9 s
+# against 1.5 s).
 KERNEL_MAX_ROWS = 64
 FALLBACK_MAX_ROWS = 16  # the same for PyTorch's int8 kernel, slower at many rows
 

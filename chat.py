@@ -93,6 +93,7 @@ class Chat:
             read_at = time.perf_counter()
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             reply_ids, self.last_reply, note = [], [], ""
+            decode_token = False  # not made yet (model.token_decoder: C on a CPU where it can)
             try:
                 for _ in range(self.cfg.max_new_tokens):
                     token = sample_next_token(logits, self.cfg.temperature, self.cfg.top_k or None, self.cfg.top_p,
@@ -110,8 +111,13 @@ class Chat:
                     if len(self.cached_ids) >= block_size:
                         note = " (the context is full)"
                         break
-                    self.cache = grow_cache(self.model, self.cache, len(self.cached_ids) + 1)
-                    logits = self.model(torch.tensor([[token]], device=self.device), kv_cache=self.cache)[0][0, -1]
+                    grown = grow_cache(self.model, self.cache, len(self.cached_ids) + 1)
+                    if grown is not self.cache or decode_token is False:  # (a new cache needs its own decoder)
+                        self.cache, decode_token = grown, self.model.token_decoder(grown)
+                    if decode_token is not None:
+                        logits = decode_token(token)[0, -1]
+                    else:
+                        logits = self.model(torch.tensor([[token]], device=self.device), kv_cache=self.cache)[0][0, -1]
                     self.cached_ids.append(token)
             except KeyboardInterrupt:
                 note = " (stopped)"
@@ -192,8 +198,6 @@ def main():
     model, tokenizer, source = load_model(cfg.init_from, cfg.out_dir, device=device,
                                           dtype=pick_dtype(cfg.dtype, device.split(":")[0]), quant=cfg.quant)
     model.eval()
-    if device == "cpu":
-        model.use_cpu_decoding_layout()
     if one_shot:
         _, prompt = read_prompt(cfg.prompt, tokenizer)
         if not prompt.strip():

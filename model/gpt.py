@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.kernels import Decoder
+
 
 @dataclass
 class GPTConfig:
@@ -473,6 +475,19 @@ class GPT(nn.Module):
                 if isinstance(module, Linear):
                     module.split_over_cores()
 
+    def token_decoder(self, kv_cache):
+        """What computes the logits of each new token on this cache, one token at a time: on a CPU,
+        the whole token in C where it can (model/kernels.py's Decoder: a function of the token id),
+        else None, and then this model's own forward pass does, with its weights laid out for the
+        CPU's cores (use_cpu_decoding_layout). The forward pass is the reference; the C code is
+        tested against it."""
+        if kv_cache.keys.device.type != "cpu":
+            return None
+        decoder = Decoder.make(self, kv_cache)
+        if decoder is None:
+            self.use_cpu_decoding_layout()
+        return decoder
+
     @torch.inference_mode()  # no autograd bookkeeping at all: cheaper per op than no_grad
     def generate(self, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                  eos_id=None, generator=None, use_kv_cache=True):
@@ -483,27 +498,29 @@ class GPT(nn.Module):
         (one recompute every block_size/2 tokens instead of one per token)."""
         block_size = self.config.block_size
         device, dtype = self.ln_f.weight.device, self.ln_f.weight.dtype  # (8-bit models have no wte.weight)
-        if device.type == "cpu":
-            self.use_cpu_decoding_layout()
         tokens = list(prompt_ids)[-block_size:]
         if not tokens:
             raise ValueError("generate needs at least one prompt token")
-        kv_cache = None
+        kv_cache = decode_token = None
         if use_kv_cache:
             kv_cache = KVCache(self.config, 1, device, dtype, len(tokens) + max_new_tokens)
+            decode_token = self.token_decoder(kv_cache)
             logits, _ = self(torch.tensor([tokens], device=device), kv_cache=kv_cache, last_only=True)
         else:
             logits, _ = self(torch.tensor([tokens], device=device), last_only=True)
-        for _ in range(max_new_tokens):
+        for count in range(1, max_new_tokens + 1):
             next_id = sample_next_token(logits[0, -1], temperature, top_k, top_p, generator)
             yield next_id
-            if eos_id is not None and next_id == eos_id:
-                return
+            if count == max_new_tokens or (eos_id is not None and next_id == eos_id):
+                return  # (the last token's logits would never be used)
             tokens.append(next_id)
             if not use_kv_cache:
                 logits, _ = self(torch.tensor([tokens[-block_size:]], device=device), last_only=True)
             elif kv_cache.length < block_size:
-                logits, _ = self(torch.tensor([[next_id]], device=device), kv_cache=kv_cache)
+                if decode_token is not None:
+                    logits = decode_token(next_id)
+                else:
+                    logits, _ = self(torch.tensor([[next_id]], device=device), kv_cache=kv_cache)
             else:
                 kv_cache.reset()
                 logits, _ = self(torch.tensor([tokens[-(block_size // 2):]], device=device), kv_cache=kv_cache,

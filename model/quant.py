@@ -10,7 +10,7 @@ as bits per byte on held-out text).
 One rounding rule (a weight w becomes round(w / scale), scale = max |w| / 127 of the numbers
 that share it), two layouts:
   quantize_rows    one scale per output row, what the model runs with (quantize_model):
-                   generation's products go through our C kernel (model/int8_matvec.c, int8
+                   generation's products go through our C kernel (model/kernels.c, int8
                    weights times float32 activations, at the speed of memory), and model.bin
                    version 3 (export.py --quant=q8_0) stores these very numbers, so run.py
                    computes what sample.py --quant=q8_0 computes.
@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import int8_matvec
+from model import kernels
 from model.errors import UserError
 
 QUANT_KINDS = ("q8_0",)  # '' (no quantization) is the default everywhere
@@ -107,10 +107,10 @@ def products_description(device):
     """How the 8-bit model multiplies a token on this device, for the scripts to say."""
     if torch.device(device).type != "cpu":
         return "each matrix rebuilt in float as it multiplies"
-    kernel = int8_matvec.kernel()
-    if kernel is None:
+    library = kernels.library()
+    if library is None:
         return "PyTorch's int8 kernel: no C compiler found for ours"
-    return f"our C kernel, {kernel.instructions}" + (", OpenMP threads" if kernel.threads else ", one thread")
+    return f"our C kernel, {library.instructions}" + (", OpenMP threads" if library.threads else ", one thread")
 
 
 def weights_description(kind, device):
@@ -156,10 +156,10 @@ class Int8Linear(nn.Module):
         # (written for few Python operations per call: a token of SmolLM2-135M makes 151 of them)
         rows = x.numel() // self.in_features
         if x.is_cpu and x.dtype is torch.float32 and rows <= KERNEL_MAX_ROWS:
-            kernel = int8_matvec.kernel()
-            if kernel is not None:
+            library = kernels.library()
+            if library is not None:
                 # a few rows (generating): reading the weights is the work, and int8 is a quarter of the bytes
-                y = int8_matvec.int8_matvec(kernel, x, *self.kernel_operands)
+                y = kernels.int8_matvec(library, x, *self.kernel_operands)
                 return y if self.bias is None else y + self.bias
         x_rows = x.reshape(-1, self.in_features)
         if x.is_cpu and rows <= FALLBACK_MAX_ROWS and self.in_features % 16 == 0:

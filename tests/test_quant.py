@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import run
 from conftest import TINY_MODEL, assert_clean_error, run_script
 from model.checkpoint import load_checkpoint, load_model, model_from_checkpoint
-from model import int8_matvec
+from model import kernels
 from model.gpt import GPT, GPTConfig, KVCache
 from model.quant import (Int8Linear, dequantize_groups, products_description, quantize_groups, quantize_model,
                          quantize_rows)
@@ -91,7 +91,7 @@ def test_row_quantization_is_within_half_a_step():
 @pytest.mark.parametrize("in_features, rows", [(64, 3), (40, 3), (33, 1), (64, 40)])
 @needs_a_c_compiler
 def test_int8_linear_matches_the_float_layer_it_came_from(in_features, rows):
-    assert int8_matvec.kernel() is not None, "the C kernel did not build"
+    assert kernels.library() is not None, "the C kernel did not build"
     torch.manual_seed(0)
     linear = torch.nn.Linear(in_features, 48)
     int8 = Int8Linear.from_linear(linear)
@@ -107,35 +107,6 @@ def test_int8_linear_matches_the_float_layer_it_came_from(in_features, rows):
     assert (got.double() - same_numbers).abs().max() <= 1e-5 * same_numbers.abs().max()
 
 
-@needs_a_c_compiler
-@pytest.mark.parametrize("instructions", ["native", "avx2", "portable"])
-def test_each_version_of_the_c_kernel_computes_the_product(instructions, tmp_path):
-    """The C file has a version per instruction set; each is built here as a processor with only
-    those instructions would build it, and checked against float64 on the same int8 numbers."""
-    import platform
-
-    flags = {"native": ("-O3", "-march=native", "-fopenmp"), "avx2": ("-O3", "-mavx2", "-mfma"),
-             "portable": ("-O3",)}[instructions]
-    if instructions == "avx2" and platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("AVX2 is an x86 instruction set")
-    path = int8_matvec.build(flags, str(tmp_path))
-    assert path is not None, "the C kernel did not build"
-    function = int8_matvec.load(path)
-    assert function.instructions == (instructions if instructions != "native" else int8_matvec.kernel().instructions)
-    generator = torch.Generator().manual_seed(4)
-    for rows, out_features, in_features in [(1, 70, 576), (3, 33, 100), (16, 5, 7), (2, 1, 1536)]:
-        values = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
-        scale = torch.rand(out_features, generator=generator) * 0.01
-        x = torch.randn(rows, in_features, generator=generator)
-        got = int8_matvec.int8_matvec(function, x, values, scale)
-        expected = (x.double() @ values.double().T) * scale.double()
-        assert got.shape == (rows, out_features)
-        assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max(), (rows, out_features, in_features)
-        # one x row's numbers do not depend on how many rows share the call
-        for row in range(rows):
-            assert torch.equal(got[row], int8_matvec.int8_matvec(function, x[row:row + 1], values, scale)[0])
-
-
 @pytest.mark.parametrize("missing", ["compiler", "writable cache folder"])
 def test_without_a_c_compiler_the_8_bit_model_uses_pytorchs_kernel(missing, monkeypatch, tmp_path):
     if missing == "compiler":
@@ -144,8 +115,8 @@ def test_without_a_c_compiler_the_8_bit_model_uses_pytorchs_kernel(missing, monk
     else:
         (tmp_path / "a-file").write_text("")
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))  # no folder can be made in it
-    monkeypatch.setattr(int8_matvec, "_kernel", None)
-    assert int8_matvec.kernel() is None
+    monkeypatch.setattr(kernels, "_library", None)
+    assert kernels.library() is None
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)
     int8 = Int8Linear.from_linear(linear)
@@ -293,7 +264,7 @@ def test_model_bin_version_3_runs_like_sample_py_with_the_same_8_bit_numbers(tra
         expected = quantized(torch.tensor([ids]))[0][0].numpy()
     # both multiply the same numbers in float32; only the order of the sums differs (where no C
     # compiler is found, PyTorch's kernel multiplies instead and rounds activations to bfloat16)
-    ours_exactly = int8_matvec.kernel() is not None
+    ours_exactly = kernels.library() is not None
     tolerance = 1e-4 if ours_exactly else BFLOAT16_TOLERANCE
     assert np.abs(run.logits_of(ours, ids) - expected).max() <= tolerance * np.abs(expected).max()
     # greedy text: run.py on the file, sample.py --quant=q8_0 on the checkpoint, as users run them

@@ -34,8 +34,8 @@ What it measures:
              8-bit weights (--quant=q8_0), transformers' generate on the same weights and, when
              llama-cpp-python is installed, llama.cpp on the GGUF files given by --gguf: greedy
              tokens/s after the first token, time to the first token of a 500-token prompt,
-             peak memory, and bits per byte on held-out text (--text), each program in its own process,
-             and the time of our weight products alone (the floor under a token's time)
+             peak memory, and bits per byte on held-out text (--text), each program in its own process;
+             for ours also the bytes of weights a token reads, and so the memory speed it runs at
 Every figure is the median of several repeats after a warm-up (the real section's speeds: the
 best of its repeats, the programs taking turns in --real_rounds rounds); ratios compare figures
 from this same run, never numbers from elsewhere.
@@ -643,30 +643,29 @@ def timed_tokens(tokens):
     return stamps[0] - started, rate
 
 
-def weight_products_ms(model):
-    """Milliseconds for one token's products with every weight matrix of the model and nothing
-    else (each Linear layer on one row, best of 10): the floor under a token's time, whatever the
-    code around the products does. Run after generating (the CPU layout is then in place)."""
-    from model.gpt import Linear
+def weight_bytes_per_token(model):
+    """Bytes of weights one new token reads: every weight matrix (int8 numbers and their scales, or
+    float32) and bias once; norms, the embedding's one row and the KV cache are left out (a few KB).
+    Times tokens/s, it is the memory speed generation runs at."""
     from model.quant import Int8Linear
 
-    layers = [m for m in model.modules() if isinstance(m, (Linear, Int8Linear))]
-    rows = [torch.randn(1, 1, layer.in_features) for layer in layers]
-    times = []
-    with torch.inference_mode():
-        for _ in range(11):
-            started = time.perf_counter()
-            for layer, row in zip(layers, rows):
-                layer(row)
-            times.append(time.perf_counter() - started)
-    return min(times[1:]) * 1e3
+    total = 0
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            total += sum(t.numel() * t.element_size() for t in module.kernel_operands)
+        elif isinstance(module, torch.nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+        else:
+            continue
+        total += 0 if module.bias is None else module.bias.numel() * module.bias.element_size()
+    return total
 
 
 def real_figures(program, model, inputs_file, new_tokens, repeats, score=True):
     """Run in a process of its own (peak memory is per process): one program on the real model.
     program: "ours" | "ours q8_0" | "transformers" | "llama.cpp <file.gguf>". Prints JSON with
     tokens/s (the best of the repeats), time to first token of the long prompt (the best), peak
-    memory, for ours the time of the weight products alone, and (score) bits per byte."""
+    memory, for ours the bytes of weights a token reads and how it runs, and (score) bits per byte."""
     with open(inputs_file) as f:
         inputs = json.load(f)
     short, long_prompt, windows = inputs["short_prompt"], inputs["long_prompt"], inputs["windows"]
@@ -758,11 +757,10 @@ def real_figures(program, model, inputs_file, new_tokens, repeats, score=True):
     figures = {"tokens_per_s": max(rates), "first_token_s": min(firsts), "peak_mb": peak, "resident_mb": resident,
                "load_s": load_seconds}
     if program.startswith("ours"):
-        figures["products_ms"] = weight_products_ms(ours)
-    if program == "ours q8_0":
-        from model.quant import products_description
+        from model.kernels import generation_description
 
-        figures["products"] = products_description("cpu")
+        figures["weight_bytes"] = weight_bytes_per_token(ours)
+        figures["generation"] = generation_description(ours, "cpu")
     if score:
         nats = 0.0
         for window in windows:
@@ -807,12 +805,10 @@ def bench_real(cfg, rows):
                 best = figures[program]
                 best["tokens_per_s"] = max(best["tokens_per_s"], these["tokens_per_s"])
                 best["first_token_s"] = min(best["first_token_s"], these["first_token_s"])
-                if "products_ms" in these:
-                    best["products_ms"] = min(best["products_ms"], these["products_ms"])
     names = {"ours": "sample.py float32", "ours q8_0": "sample.py --quant=q8_0", "transformers": "transformers float32"}
     names.update({p: f"llama.cpp {os.path.basename(p.split(' ', 1)[1])}" for p in programs if p.startswith("llama.cpp")})
-    if "products" in figures["ours q8_0"]:
-        print(f"real: sample.py --quant=q8_0 multiplies by {figures['ours q8_0']['products']}", file=sys.stderr)
+    for program in ("ours", "ours q8_0"):
+        print(f"real: {names[program]} computes new tokens {figures[program]['generation']}", file=sys.stderr)
     model_name = os.path.basename(cfg.model.rstrip("/"))
     for program in programs:
         f = figures[program]
@@ -823,14 +819,16 @@ def bench_real(cfg, rows):
         rows.append((f"{model_name}: {names[program]}", "memory held while generating", f["resident_mb"], "MiB"))
         rows.append((f"{model_name}: {names[program]}", f"bits per byte, {len(inputs['windows']) * BPB_WINDOW} tokens "
                      f"of {os.path.basename(inputs['bpb_text'])}", f["bits_per_byte"], "bpb"))
-        if "products_ms" in f:
-            rows.append((f"{model_name}: {names[program]}", "weight products alone, one token", f["products_ms"], "ms"))
+        if "weight_bytes" in f:
+            rows.append((f"{model_name}: {names[program]}", "weights read per token", f["weight_bytes"] / 2**20, "MiB"))
+            rows.append((f"{model_name}: {names[program]}", "memory speed: weights read per second",
+                         f["weight_bytes"] * f["tokens_per_s"] / 1e9, "GB/s"))
     ours = figures["ours"]["tokens_per_s"]
     rows.append(("float32 here vs transformers", "tokens/s (goal >= 1.5)", ours / figures["transformers"]["tokens_per_s"], "x"))
     rows.append(("q8_0 here vs float32 here", "tokens/s (goal >= 2)", figures["ours q8_0"]["tokens_per_s"] / ours, "x"))
-    # the most 8 bits could give here with no other work per token: the two kernels' own ratio
-    rows.append(("q8_0 here vs float32 here", "weight products alone",
-                 figures["ours"]["products_ms"] / figures["ours q8_0"]["products_ms"], "x"))
+    # the most 8 bits could give if memory speed were all: the ratio of the bytes each token reads
+    rows.append(("q8_0 here vs float32 here", "bytes of weights a token reads (inverse)",
+                 figures["ours"]["weight_bytes"] / figures["ours q8_0"]["weight_bytes"], "x"))
     for program in programs:
         if program.startswith("llama.cpp"):
             rows.append((f"float32 here vs {names[program]}", "tokens/s", ours / figures[program]["tokens_per_s"], "x"))

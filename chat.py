@@ -35,6 +35,7 @@ from model.cli import (SamplingOptions, check_sampling_options, field, main_guar
                        read_prompt, resolve_device)
 from model.errors import UserError
 from model.gpt import sample_next_token
+from model.kernels import generation_description
 from model.quant import weights_description
 
 USAGE = "usage: python chat.py [--init_from=MODEL] [--system=TEXT] [--prompt=TEXT|FILE:path] [--field=value ...]"
@@ -206,8 +207,8 @@ def main():
     # fails here, before anything else is printed
     render_chat(tokenizer, new_conversation(cfg) + [{"role": "user", "content": prompt or "Hi"}])
     origin = f"step {source['step']}" if source["step"] is not None else source["init_from"]
-    say(f"model: {model.num_params():,} parameters{weights_description(cfg.quant, device)}, {origin}, "
-        f"context {model.config.block_size} tokens")
+    say(f"model: {model.num_params():,} parameters{weights_description(cfg.quant)}, {origin}, "
+        f"context {model.config.block_size} tokens; new tokens {generation_description(model, device)}")
     if not is_instruction_tuned(tokenizer):
         say("note: this model has no chat template, so it was not instruction-tuned; talking to it through the "
             "default ChatML template (model/chat.py), whose markers it reads as plain text")

@@ -23,6 +23,7 @@ from model.checkpoint import load_model
 from model.cli import (SamplingOptions, check_sampling_options, field, main_guard, parse_config, pick_dtype,
                        read_prompt, resolve_device)
 from model.errors import UserError
+from model.kernels import generation_description
 from model.quant import weights_description
 
 USAGE = "usage: python sample.py [--out_dir=out] [--prompt=TEXT|FILE:path] [--field=value ...]"
@@ -50,9 +51,10 @@ def main():
     prompt_ids, prompt_text = read_prompt(cfg.prompt, tokenizer, source["sample_prompt"])
     block_size = model.config.block_size
     origin = f"step {source['step']}" if source["step"] is not None else source["init_from"]
-    print(f"model: {model.num_params():,} parameters{weights_description(cfg.quant, device)}, {origin}, "
+    print(f"model: {model.num_params():,} parameters{weights_description(cfg.quant)}, {origin}, "
           f"{tokenizer.kind} tokenizer; prompt: {len(prompt_ids)} tokens"
-          + (f" (cropped to the last {block_size})" if len(prompt_ids) > block_size else ""), file=sys.stderr)
+          + (f" (cropped to the last {block_size})" if len(prompt_ids) > block_size else "")
+          + f"; new tokens {generation_description(model, device, cfg.kv_cache)}", file=sys.stderr)
 
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -150,13 +150,17 @@ ACTIVATIONS = {"gelu": 0, "swiglu": 1, "relu2": 2}  # kernels.c's GELU, SWIGLU, 
 
 
 class NotForC(Exception):
-    """A model decode_token cannot run as it is (see Decoder.make)."""
+    """What decode_token cannot run (see Decoder.make), said as "kernels.c does not run <this>"."""
 
 
 def address(tensor, dtype=torch.float32):
     """The memory C reads: a contiguous CPU tensor of this dtype, else NotForC."""
-    if tensor.dtype is not dtype or not tensor.is_contiguous() or tensor.device.type != "cpu":
-        raise NotForC(f"a {tensor.dtype} tensor of strides {tensor.stride()} on {tensor.device}")
+    if tensor.device.type != "cpu":
+        raise NotForC(f"weights on {tensor.device}")
+    if tensor.dtype is not dtype:
+        raise NotForC(f"{str(tensor.dtype).removeprefix('torch.')} weights")
+    if not tensor.is_contiguous():
+        raise NotForC("weights laid out for PyTorch's split products (GPT.use_cpu_decoding_layout)")
     return tensor.data_ptr()
 
 
@@ -178,21 +182,30 @@ class Decoder:
     @classmethod
     def make(cls, model, kv_cache):
         """A Decoder, or None where the C code is not built or cannot run this model and cache."""
+        return cls.make_or_say_why(model, kv_cache)[0]
+
+    @classmethod
+    def make_or_say_why(cls, model, kv_cache):
+        """(a Decoder, "") or (None, why not)."""
         found = library()
         if found is None:
-            return None
+            return None, "no C compiler found for model/kernels.c"
         try:
-            return cls(model, kv_cache, found)
-        except NotForC:
-            return None
+            return cls(model, kv_cache, found), ""
+        except NotForC as e:
+            return None, f"model/kernels.c does not run {e}"
 
     def __init__(self, model, kv_cache, found):
         from model.gpt import Linear, RMSNorm
         from model.quant import Int8Embedding, Int8Linear
 
         c = model.config
-        if model.training or kv_cache.keys.shape[1] != 1 or c.mlp_activation not in ACTIVATIONS:
-            raise NotForC("training mode, a batch of sequences, or an unknown activation")
+        if model.training:
+            raise NotForC("a model in training mode (dropout)")
+        if kv_cache.keys.shape[1] != 1:
+            raise NotForC("a batch of sequences")
+        if c.mlp_activation not in ACTIVATIONS:
+            raise NotForC(f"the {c.mlp_activation} activation")
         kept = []  # tensors made here that C reads: alive as long as the Decoder
 
         def matrix(layer, rows=None):
@@ -225,7 +238,7 @@ class Decoder:
         for index, block in enumerate(model.blocks):
             attn, mlp = block.attn, block.mlp
             if attn.record_attention:
-                raise NotForC("attention being recorded")
+                raise NotForC("recorded attention (explain.py)")
             gate = matrix(mlp.c_gate) if c.mlp_activation == "swiglu" else Matrix()
             layers[index] = Layer(norm(block.ln_1), matrix(attn.c_attn), matrix(attn.c_proj), norm(block.ln_2),
                                   matrix(mlp.c_fc), gate, matrix(mlp.c_proj))
@@ -262,3 +275,22 @@ class Decoder:
         self.decode_token(self.model_struct, token_id, position, logits.data_ptr())
         self.kv_cache.length = position + 1
         return logits
+
+
+def generation_description(model, device, use_kv_cache=True):
+    """How this model computes each new token here, for the scripts to say: in C, or in PyTorch
+    and why (what an 8-bit model's products then run on included)."""
+    from model.gpt import KVCache
+    from model.quant import Int8Linear
+
+    quantized = any(isinstance(module, Int8Linear) for module in model.modules())
+    if torch.device(device).type != "cpu":
+        return f"in PyTorch on {device}" + (", each 8-bit matrix rebuilt in float as it multiplies" if quantized else "")
+    if not use_kv_cache:
+        return "in PyTorch, the whole context again for each token (no KV cache)"
+    decoder, why = Decoder.make_or_say_why(model, KVCache(model.config, 1, "cpu", torch.float32, 1))
+    if decoder is None:
+        products = "; 8-bit products by " + ("PyTorch's int8 kernel" if library() is None else "model/kernels.c")
+        return f"in PyTorch ({why}{products if quantized else ''})"
+    threads = f"{torch.get_num_threads()} OpenMP threads" if library().threads else "one thread"
+    return f"each in C (model/kernels.c, {library().instructions}, {threads})"

@@ -103,19 +103,9 @@ def dequantize_groups(values, scales, group_size=GROUP_SIZE):
     return groups.reshape(rows, cols)
 
 
-def products_description(device):
-    """How the 8-bit model multiplies a token on this device, for the scripts to say."""
-    if torch.device(device).type != "cpu":
-        return "each matrix rebuilt in float as it multiplies"
-    library = kernels.library()
-    if library is None:
-        return "PyTorch's int8 kernel: no C compiler found for ours"
-    return f"our C kernel, {library.instructions}" + (", OpenMP threads" if library.threads else ", one thread")
-
-
-def weights_description(kind, device):
-    """' in 8 bits (q8_0; how it multiplies)' for a script's model line, or '' for float weights."""
-    return f" in 8 bits ({kind}; {products_description(device)})" if kind else ""
+def weights_description(kind):
+    """' in 8 bits (q8_0)' for a script's model line, or '' for float weights."""
+    return f" in 8 bits ({kind})" if kind else ""
 
 
 # Up to this many rows at a time go through the kernels. Measured on SmolLM2-135M (2 cores), one

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 from conftest import assert_clean_error, run_script
 
@@ -61,9 +62,11 @@ def test_bench_real_compares_ours_with_transformers_on_one_model(tmp_path):
     programs = ("sample.py float32", "sample.py --quant=q8_0", "transformers float32")
     for program in programs:
         values = [v for (m, _), v in figures.items() if m.endswith(program)]
-        # ours also time their weight products alone
-        assert len(values) == (5 if program.startswith("transformers") else 6) and all(v > 0 for v in values)
-    assert figures[("q8_0 here vs float32 here", "weight products alone")] > 0
+        # ours also say the bytes of weights a token reads, and the memory speed that makes
+        assert len(values) == (5 if program.startswith("transformers") else 7) and all(v > 0 for v in values)
+    # int8 numbers and a float32 scale per row, against float32 numbers: a little under 4x fewer bytes
+    assert 3.5 < figures[("q8_0 here vs float32 here", "bytes of weights a token reads (inverse)")] < 4
+    assert "sample.py float32 computes new tokens each in C" in result.stderr or shutil.which("cc") is None
     bpb = {m.split(": ", 1)[1]: v for (m, s), v in figures.items() if s.startswith("bits per byte")}
     assert abs(bpb["sample.py float32"] - bpb["transformers float32"]) < 1e-4
     assert abs(bpb["sample.py --quant=q8_0"] - bpb["sample.py float32"]) < 0.05

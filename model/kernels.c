@@ -169,7 +169,7 @@ typedef struct {
     const float *rope_cos, *rope_sin;  /* llama: (max_length, head_size / 2) angles per position, or NULL */
     Layer *layers;
     Norm norm_f;
-    Matrix lm_head;        /* only its first vocab_size rows are read: the rest is padding */
+    Matrix lm_head;        /* out_features vocab_size: the padding rows past it are never read */
     float *keys, *values;  /* KVCache: (n_layer, n_kv_head, max_length, head_size) */
     long max_length;
     float *scratch;        /* work space: see decode_token */
@@ -289,9 +289,7 @@ void decode_token(const Model *m, long token, long pos, float *logits) {
         for (long i = 0; i < C; i++) x[i] += h[i];
     }
     normalize(&m->norm_f, x, h, C, m->norm_eps);
-    Matrix head = m->lm_head;
-    head.out_features = m->vocab_size;
-    matvec(&head, h, logits);
+    matvec(&m->lm_head, h, logits);
     if (m->logit_softcap > 0)
         for (long i = 0; i < m->vocab_size; i++) logits[i] = m->logit_softcap * tanhf(logits[i] / m->logit_softcap);
 }

@@ -6,11 +6,11 @@ its int8 kernel waits on its own arithmetic on a CPU (one token of SmolLM2-135M'
 ms on one core, 9.7 ms on two, against 7.3 and 5.2 ms for ours), and a token is about a thousand
 small operations at microseconds of set-up each (6 ms a token, more than reading the 8-bit
 weights). So kernels.c has the 8-bit product (int8_matvec, for Int8Linear's few rows) and a whole
-token through the model (decode_token, for GPT.generate: see Decoder).
+token through the model (decode_token, for GPT.generate and chat.py: see Decoder).
 
 The C file is compiled once per machine with the system's C compiler (`cc`, or $CC) into
 ~/.cache/gpt-from-scratch/ (or $XDG_CACHE_HOME's), about half a second. Where there is no
-compiler, or it fails, `kernel()` returns None and generation runs in PyTorch instead: slower,
+compiler, or it fails, `library()` returns None and generation runs in PyTorch instead: slower,
 never wrong.
 """
 
@@ -30,9 +30,6 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.c")
 # tried in order: threads and this processor's vector instructions, then without threads (a
 # compiler without OpenMP, as Apple's clang), then the plain C any compiler builds
 FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-march=native"), ("-O3",))
-
-_kernel = None  # the loaded function; False once building it failed (not tried again)
-
 
 def cache_folder():
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gpt-from-scratch")

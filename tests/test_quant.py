@@ -127,6 +127,9 @@ def test_without_a_c_compiler_the_8_bit_model_uses_pytorchs_kernel(missing, monk
     assert (got - same_numbers).abs().max() <= BFLOAT16_TOLERANCE * same_numbers.abs().max()
     assert not torch.equal(got, same_numbers)  # (bfloat16: PyTorch's kernel, not the C one)
     model = quantize_model(tiny("llama"), "q8_0")
+    assert model.token_decoder(KVCache(model.config, 1, "cpu", torch.float32, 8)) is None  # (no C token either)
+    assert kernels.generation_description(model, "cpu") == (
+        "in PyTorch (no C compiler found for model/kernels.c; 8-bit products by PyTorch's int8 kernel)")
     assert len(list(model.generate([1, 2, 3], 5, temperature=0))) == 5
 
 

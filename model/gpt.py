@@ -144,7 +144,8 @@ def apply_rope(x, cos, signed_sin):
 
 
 class Linear(nn.Linear):
-    """nn.Linear, plus a faster way to multiply one row on a multi-core CPU (generation).
+    """nn.Linear, plus a faster way to multiply one row on a multi-core CPU (generation, where
+    the token is not computed in C: see GPT.token_decoder).
 
     One token's vector times a weight matrix reads the whole matrix for very little arithmetic,
     so its speed is memory bandwidth, and PyTorch's CPU BLAS does it on one core. Splitting the

@@ -2,6 +2,7 @@
 
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -13,6 +14,11 @@ import torch
 torch.set_num_threads(1)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A machine without a C compiler generates in PyTorch alone (test_quant and test_kernels test that
+# too); the tests of model/kernels.c need one to build it (CI has one, so there they always run)
+needs_a_c_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None,
+                                        reason="no C compiler (cc): generation runs in PyTorch alone")
 
 
 def run_script(*args, timeout=300, env=None, check=True, input=None):

@@ -3,21 +3,17 @@ product against float64 arithmetic on the same int8 numbers, and a whole token (
 against the model's own forward pass, for every shape of model it runs, in float32 and 8 bits.
 Where it cannot run a model, generation must stay in PyTorch and still be right."""
 
-import os
 import platform
-import shutil
 
 import pytest
 import torch
 
+from conftest import needs_a_c_compiler
 from model import kernels
 from model.gpt import GPT, GPTConfig, KVCache
 from model.kernels import Decoder
 from model.lora import add_lora
 from model.quant import quantize_model
-
-needs_a_c_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None,
-                                        reason="no C compiler (cc): generation stays in PyTorch")
 
 # every option of the model that changes what a token computes, each in at least one shape
 SHAPES = {
@@ -32,14 +28,6 @@ SHAPES = {
 }
 # float32 sums in another order than PyTorch's: what that changes in a logit, against the largest
 SUM_ORDER_TOLERANCE = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def tiny(quant="", **overrides):

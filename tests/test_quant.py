@@ -3,12 +3,10 @@
 The 8-bit layouts are checked against llama.cpp's own Q8_0 quantizer (the gguf package); the
 generation shortcuts (inference-only RMSNorm call, grouped-query attention without copies,
 logits of the last position only, int8 products) against the forward pass that training runs;
-each version of the C kernel against float64 arithmetic on the same int8 numbers; and model.bin
-version 3 in run.py against torch holding the very same 8-bit numbers."""
+and model.bin version 3 in run.py against torch holding the very same 8-bit numbers. (The C code
+itself, model/kernels.c, is checked in test_kernels.py.)"""
 
 import copy
-import os
-import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import run
-from conftest import TINY_MODEL, assert_clean_error, run_script
+from conftest import TINY_MODEL, assert_clean_error, needs_a_c_compiler, run_script
 from model.checkpoint import load_checkpoint, load_model, model_from_checkpoint
 from model import kernels
 from model.gpt import GPT, GPTConfig, KVCache
@@ -28,12 +26,6 @@ INT8_TOLERANCE = 0.03
 # PyTorch's int8 kernel (the fallback where no C compiler is found) rounds activations to bfloat16,
 # 8 significant bits: a product of a few hundred terms is good to about 1% of its size
 BFLOAT16_TOLERANCE = 0.01
-
-
-# A machine without a C compiler runs the 8-bit model on PyTorch's kernel (tested below); the tests
-# of our kernel need one to build it (CI has one, so there they always run)
-needs_a_c_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None,
-                                        reason="no C compiler (cc): the 8-bit model uses PyTorch's int8 kernel")
 
 
 @pytest.fixture(autouse=True)

@@ -33,9 +33,9 @@
 
 /* 32 numbers a step, as two sums of 16 lanes (two chains of additions keep the FMA unit busy).
    Each int8 becomes a float32 in a register: nothing is rounded but the float32 sums. */
-static float dot_int8(const int8_t *w, const float *x, long n) {
+static float dot_int8(const int8_t *w, const float *x, int64_t n) {
     __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
-    long k = 0;
+    int64_t k = 0;
     for (; k + 32 <= n; k += 32) {
         __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k))));
         __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k + 16))));
@@ -47,9 +47,9 @@ static float dot_int8(const int8_t *w, const float *x, long n) {
     return sum;
 }
 
-static float dot_float(const float *w, const float *x, long n) {
+static float dot_float(const float *w, const float *x, int64_t n) {
     __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
-    long k = 0;
+    int64_t k = 0;
     for (; k + 32 <= n; k += 32) {
         sum0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), sum0);
         sum1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), sum1);
@@ -71,9 +71,9 @@ static float sum_lanes(__m256 lanes) {
 }
 
 /* 16 numbers a step, as two sums of 8 lanes */
-static float dot_int8(const int8_t *w, const float *x, long n) {
+static float dot_int8(const int8_t *w, const float *x, int64_t n) {
     __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
-    long k = 0;
+    int64_t k = 0;
     for (; k + 16 <= n; k += 16) {
         __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + k))));
         __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + k + 8))));
@@ -85,9 +85,9 @@ static float dot_int8(const int8_t *w, const float *x, long n) {
     return sum;
 }
 
-static float dot_float(const float *w, const float *x, long n) {
+static float dot_float(const float *w, const float *x, int64_t n) {
     __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
-    long k = 0;
+    int64_t k = 0;
     for (; k + 16 <= n; k += 16) {
         sum0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), sum0);
         sum1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), sum1);
@@ -103,9 +103,9 @@ static float dot_float(const float *w, const float *x, long n) {
 /* plain C for any other processor: eight independent sums, which compilers turn into
    vector instructions where they can (and which are correct where they cannot) */
 #define PORTABLE_DOT(name, type)                                            \
-    static float name(const type *w, const float *x, long n) {              \
+    static float name(const type *w, const float *x, int64_t n) {              \
         float lanes[8] = {0};                                               \
-        long k = 0;                                                         \
+        int64_t k = 0;                                                         \
         for (; k + 8 <= n; k += 8)                                          \
             for (int j = 0; j < 8; j++) lanes[j] += (float)w[k + j] * x[k + j]; \
         float sum = 0;                                                      \
@@ -126,12 +126,12 @@ const char *kernels_instructions(void) { return INSTRUCTIONS; }
    x row is computed the same way whatever `rows` is (and as decode_token computes it), so a
    prompt's tokens and generated ones get the same numbers. */
 void int8_matvec(const float *x, const int8_t *values, const float *scale, float *y,
-                 long rows, long out_features, long in_features) {
+                 int64_t rows, int64_t out_features, int64_t in_features) {
     #pragma omp parallel for schedule(static)
-    for (long n = 0; n < out_features; n++) {
+    for (int64_t n = 0; n < out_features; n++) {
         const int8_t *weight_row = values + n * in_features;
         /* (the weight row is read from memory once; for the other x rows it is in the cache) */
-        for (long m = 0; m < rows; m++)
+        for (int64_t m = 0; m < rows; m++)
             y[m * out_features + n] = scale[n] * dot_int8(weight_row, x + m * in_features, in_features);
     }
 }
@@ -143,7 +143,7 @@ typedef struct {
     const void *weight;   /* float32, or int8 when scale is set */
     const float *scale;   /* one per output row (int8 weights), or NULL (float32 weights) */
     const float *bias;    /* (out_features,) or NULL */
-    long out_features, in_features;
+    int64_t out_features, in_features;
 } Matrix;
 
 typedef struct {
@@ -160,7 +160,7 @@ typedef struct {
 enum { GELU = 0, SWIGLU = 1, RELU2 = 2 };
 
 typedef struct {
-    long n_layer, n_embd, n_head, n_kv_head, head_size, mlp_hidden, vocab_size;
+    int64_t n_layer, n_embd, n_head, n_kv_head, head_size, mlp_hidden, vocab_size;
     int activation;        /* GELU, SWIGLU or RELU2 (config.mlp_activation) */
     int qk_norm;           /* unit-RMS queries and keys before RoPE */
     float norm_eps, logit_softcap;
@@ -171,15 +171,15 @@ typedef struct {
     Norm norm_f;
     Matrix lm_head;        /* out_features vocab_size: the padding rows past it are never read */
     float *keys, *values;  /* KVCache: (n_layer, n_kv_head, max_length, head_size) */
-    long max_length;
+    int64_t max_length;
     float *scratch;        /* work space: see decode_token */
 } Model;
 
 /* y = W x (+ bias), the rows of W shared among the threads */
 static void matvec(const Matrix *m, const float *x, float *y) {
-    const long in = m->in_features;
+    const int64_t in = m->in_features;
     #pragma omp parallel for schedule(static)
-    for (long n = 0; n < m->out_features; n++) {
+    for (int64_t n = 0; n < m->out_features; n++) {
         float sum = m->scale ? m->scale[n] * dot_int8((const int8_t *)m->weight + n * in, x, in)
                              : dot_float((const float *)m->weight + n * in, x, in);
         y[n] = m->bias ? sum + m->bias[n] : sum;
@@ -187,15 +187,15 @@ static void matvec(const Matrix *m, const float *x, float *y) {
 }
 
 /* RMSNorm (no bias) or LayerNorm (with one); weight NULL: unit RMS, no gain (qk_norm) */
-static void normalize(const Norm *norm, const float *x, float *out, long n, float eps) {
+static void normalize(const Norm *norm, const float *x, float *out, int64_t n, float eps) {
     float mean = 0, variance = 0;
     if (norm->bias) {
-        for (long i = 0; i < n; i++) mean += x[i];
+        for (int64_t i = 0; i < n; i++) mean += x[i];
         mean /= n;
     }
-    for (long i = 0; i < n; i++) variance += (x[i] - mean) * (x[i] - mean);
+    for (int64_t i = 0; i < n; i++) variance += (x[i] - mean) * (x[i] - mean);
     const float inverse = 1.0f / sqrtf(variance / n + eps);
-    for (long i = 0; i < n; i++) {
+    for (int64_t i = 0; i < n; i++) {
         float y = (x[i] - mean) * inverse;
         if (norm->weight) y *= norm->weight[i];
         out[i] = norm->bias ? y + norm->bias[i] : y;
@@ -203,8 +203,8 @@ static void normalize(const Norm *norm, const float *x, float *out, long n, floa
 }
 
 /* RoPE: pair (x[i], x[i + half]) turned by its angle (model/gpt.py's apply_rope) */
-static void rotate(float *x, const float *cos, const float *sin, long half) {
-    for (long i = 0; i < half; i++) {
+static void rotate(float *x, const float *cos, const float *sin, int64_t half) {
+    for (int64_t i = 0; i < half; i++) {
         const float x1 = x[i], x2 = x[i + half];
         x[i] = x1 * cos[i] - x2 * sin[i];
         x[i + half] = x2 * cos[i] + x1 * sin[i];
@@ -213,35 +213,35 @@ static void rotate(float *x, const float *cos, const float *sin, long half) {
 
 /* The new token's query, key and value (qkv) -> its attention output (out, n_head * head_size),
    its key and value stored at position pos of this layer's cache first. */
-static void attend(const Model *m, long layer, long pos, float *qkv, float *out, float *scores) {
-    const long D = m->head_size, half = D / 2, group = m->n_head / m->n_kv_head;
+static void attend(const Model *m, int64_t layer, int64_t pos, float *qkv, float *out, float *scores) {
+    const int64_t D = m->head_size, half = D / 2, group = m->n_head / m->n_kv_head;
     const Norm unit = {NULL, NULL};
     float *key = qkv + m->n_head * D, *value = key + m->n_kv_head * D;
-    for (long h = 0; h < m->n_head + m->n_kv_head; h++) {  /* the query heads, then the key heads */
+    for (int64_t h = 0; h < m->n_head + m->n_kv_head; h++) {  /* the query heads, then the key heads */
         if (m->qk_norm) normalize(&unit, qkv + h * D, qkv + h * D, D, m->norm_eps);
         if (m->rope_cos) rotate(qkv + h * D, m->rope_cos + pos * half, m->rope_sin + pos * half, half);
     }
-    const long per_head = m->max_length * D, per_layer = m->n_kv_head * per_head;
+    const int64_t per_head = m->max_length * D, per_layer = m->n_kv_head * per_head;
     float *keys = m->keys + layer * per_layer, *values = m->values + layer * per_layer;
-    for (long h = 0; h < m->n_kv_head; h++) {
+    for (int64_t h = 0; h < m->n_kv_head; h++) {
         memcpy(keys + h * per_head + pos * D, key + h * D, D * sizeof(float));
         memcpy(values + h * per_head + pos * D, value + h * D, D * sizeof(float));
     }
     const float inverse_sqrt = 1.0f / sqrtf((float)D);
     #pragma omp parallel for schedule(static)
-    for (long h = 0; h < m->n_head; h++) {
+    for (int64_t h = 0; h < m->n_head; h++) {
         /* query heads h of one group share key/value head h / group (grouped-query attention) */
         const float *q = qkv + h * D, *k = keys + (h / group) * per_head, *v = values + (h / group) * per_head;
         float *weights = scores + h * m->max_length, *y = out + h * D, largest = -INFINITY, total = 0;
-        for (long t = 0; t <= pos; t++) {
+        for (int64_t t = 0; t <= pos; t++) {
             weights[t] = dot_float(k + t * D, q, D) * inverse_sqrt;
             if (weights[t] > largest) largest = weights[t];
         }
-        for (long t = 0; t <= pos; t++) total += weights[t] = expf(weights[t] - largest);
-        for (long d = 0; d < D; d++) y[d] = 0;
-        for (long t = 0; t <= pos; t++) {
+        for (int64_t t = 0; t <= pos; t++) total += weights[t] = expf(weights[t] - largest);
+        for (int64_t d = 0; d < D; d++) y[d] = 0;
+        for (int64_t t = 0; t <= pos; t++) {
             const float w = weights[t] / total;
-            for (long d = 0; d < D; d++) y[d] += w * v[t * D + d];
+            for (int64_t d = 0; d < D; d++) y[d] += w * v[t * D + d];
         }
     }
 }
@@ -253,43 +253,43 @@ static float gelu(float x) {  /* GPT-2's tanh approximation */
 /* The logits (vocab_size) of token at position pos, whose earlier positions are in the cache.
    scratch holds n_embd * 2 + qkv + n_head * head_size + n_head * max_length + mlp_hidden * 2
    floats (model/kernels.py's Decoder sizes it). */
-void decode_token(const Model *m, long token, long pos, float *logits) {
-    const long C = m->n_embd, D = m->head_size;
+void decode_token(const Model *m, int64_t token, int64_t pos, float *logits) {
+    const int64_t C = m->n_embd, D = m->head_size;
     float *x = m->scratch, *h = x + C;
     float *qkv = h + C, *attention = qkv + (m->n_head + 2 * m->n_kv_head) * D;
     float *scores = attention + m->n_head * D, *hidden = scores + m->n_head * m->max_length;
     float *gate = hidden + m->mlp_hidden;
 
     const Matrix *e = &m->embedding;
-    for (long i = 0; i < C; i++) {
+    for (int64_t i = 0; i < C; i++) {
         x[i] = e->scale ? (float)((const int8_t *)e->weight)[token * C + i] * e->scale[token]
                         : ((const float *)e->weight)[token * C + i];
         if (m->positions) x[i] += m->positions[pos * C + i];
     }
-    for (long l = 0; l < m->n_layer; l++) {
+    for (int64_t l = 0; l < m->n_layer; l++) {
         const Layer *layer = &m->layers[l];
         /* x + attention(norm(x)) */
         normalize(&layer->norm_1, x, h, C, m->norm_eps);
         matvec(&layer->qkv, h, qkv);
         attend(m, l, pos, qkv, attention, scores);
         matvec(&layer->attn_proj, attention, h);
-        for (long i = 0; i < C; i++) x[i] += h[i];
+        for (int64_t i = 0; i < C; i++) x[i] += h[i];
         /* x + mlp(norm(x)) */
         normalize(&layer->norm_2, x, h, C, m->norm_eps);
         matvec(&layer->fc, h, hidden);
         if (m->activation == SWIGLU) {
             matvec(&layer->gate, h, gate);
-            for (long i = 0; i < m->mlp_hidden; i++) hidden[i] *= gate[i] / (1.0f + expf(-gate[i]));  /* silu */
+            for (int64_t i = 0; i < m->mlp_hidden; i++) hidden[i] *= gate[i] / (1.0f + expf(-gate[i]));  /* silu */
         } else if (m->activation == RELU2) {
-            for (long i = 0; i < m->mlp_hidden; i++) hidden[i] = hidden[i] > 0 ? hidden[i] * hidden[i] : 0;
+            for (int64_t i = 0; i < m->mlp_hidden; i++) hidden[i] = hidden[i] > 0 ? hidden[i] * hidden[i] : 0;
         } else {
-            for (long i = 0; i < m->mlp_hidden; i++) hidden[i] = gelu(hidden[i]);
+            for (int64_t i = 0; i < m->mlp_hidden; i++) hidden[i] = gelu(hidden[i]);
         }
         matvec(&layer->mlp_proj, hidden, h);
-        for (long i = 0; i < C; i++) x[i] += h[i];
+        for (int64_t i = 0; i < C; i++) x[i] += h[i];
     }
     normalize(&m->norm_f, x, h, C, m->norm_eps);
     matvec(&m->lm_head, h, logits);
     if (m->logit_softcap > 0)
-        for (long i = 0; i < m->vocab_size; i++) logits[i] = m->logit_softcap * tanhf(logits[i] / m->logit_softcap);
+        for (int64_t i = 0; i < m->vocab_size; i++) logits[i] = m->logit_softcap * tanhf(logits[i] / m->logit_softcap);
 }

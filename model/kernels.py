@@ -70,10 +70,10 @@ class Library:
     def __init__(self, path, threads):
         library = ctypes.CDLL(path)
         self.int8_matvec = library.int8_matvec
-        self.int8_matvec.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
+        self.int8_matvec.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
         self.int8_matvec.restype = None
         self.decode_token = library.decode_token
-        self.decode_token.argtypes = [ctypes.POINTER(Model), ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
+        self.decode_token.argtypes = [ctypes.POINTER(Model), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
         self.decode_token.restype = None
         library.kernels_instructions.restype = ctypes.c_char_p
         self.instructions = library.kernels_instructions().decode()  # "avx512", "avx2" or "portable"
@@ -120,7 +120,7 @@ def int8_matvec(library, x, values, scale):
 
 class Matrix(ctypes.Structure):
     _fields_ = [("weight", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("out_features", ctypes.c_long), ("in_features", ctypes.c_long)]
+                ("out_features", ctypes.c_int64), ("in_features", ctypes.c_int64)]
 
 
 class Norm(ctypes.Structure):
@@ -133,13 +133,13 @@ class Layer(ctypes.Structure):
 
 
 class Model(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_long) for name in ("n_layer", "n_embd", "n_head", "n_kv_head", "head_size",
+    _fields_ = [(name, ctypes.c_int64) for name in ("n_layer", "n_embd", "n_head", "n_kv_head", "head_size",
                                                    "mlp_hidden", "vocab_size")] + [
         ("activation", ctypes.c_int), ("qk_norm", ctypes.c_int),
         ("norm_eps", ctypes.c_float), ("logit_softcap", ctypes.c_float),
         ("embedding", Matrix), ("positions", ctypes.c_void_p), ("rope_cos", ctypes.c_void_p),
         ("rope_sin", ctypes.c_void_p), ("layers", ctypes.POINTER(Layer)), ("norm_f", Norm), ("lm_head", Matrix),
-        ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p), ("max_length", ctypes.c_long),
+        ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p), ("max_length", ctypes.c_int64),
         ("scratch", ctypes.c_void_p)]
 
 

@@ -4,10 +4,13 @@ import shutil
 from conftest import assert_clean_error, run_script
 
 
-def test_bench_reports_training_generation_and_run_py_side_by_side(tiny_char_data):
+def test_bench_reports_training_generation_and_run_py_side_by_side(tiny_char_data, tmp_path):
+    # a tiny preset in place of the two default training shapes (the larger alone took 20 s here)
+    preset = tmp_path / "tiny.toml"
+    preset.write_text("n_layer = 2\nn_head = 2\nn_embd = 32\nblock_size = 32\nbatch_size = 4\n")
     result = run_script("bench.py", "--sections=train,generate,runpy", "--repeats=1", "--new_tokens=5",
-                        "--train_steps=15", f"--data_root={tiny_char_data}", "--dataset=tiny", "--device=cpu",
-                        "--json")
+                        "--train_steps=15", f"--train_config={preset}", f"--data_root={tiny_char_data}",
+                        "--dataset=tiny", "--device=cpu", "--json")
     report = json.loads(result.stdout)
     figures = {(f["measurement"], f["setting"]): f["value"] for f in report["figures"]}
     measured = {measurement for measurement, _ in figures}

@@ -3,6 +3,7 @@ product against float64 arithmetic on the same int8 numbers, and a whole token (
 against the model's own forward pass, for every shape of model it runs, in float32 and 8 bits.
 Where it cannot run a model, generation must stay in PyTorch and still be right."""
 
+import copy
 import platform
 
 import pytest
@@ -161,3 +162,25 @@ def test_a_token_past_the_cache_or_the_vocabulary_is_refused_before_c_reads_it()
     with pytest.raises(ValueError, match="the cache holds 3 positions"):
         decoder(4)
     assert kv_cache.length == 3
+
+
+@needs_a_c_compiler
+def test_a_tokens_numbers_do_not_depend_on_the_thread_count():
+    """Each matrix row and each attention head is one thread's whole sum, so two threads (what
+    sample.py runs with on 2 cores) give exactly one thread's numbers. (The prompt is read once,
+    by the forward pass, whose own sums may be split otherwise on two threads.)"""
+    model = tiny("", n_kv_head=2)
+    prompt = KVCache(model.config, 1, "cpu", torch.float32, 20)
+    with torch.inference_mode():
+        model(torch.tensor([[1, 5, 9, 20, 3]]), kv_cache=prompt)
+    logits = {}
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            kv_cache = copy.deepcopy(prompt)
+            decoder = Decoder.make(model, kv_cache)
+            logits[threads] = [decoder(token) for token in (7, 11, 2, 40)]
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(one, two) for one, two in zip(logits[1], logits[2]))

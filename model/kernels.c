@@ -27,39 +27,10 @@
 
 /* ---- dot products: one weight row (int8 or float32) with one row of float32 activations ---- */
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#define INSTRUCTIONS "avx512"
-
-/* 32 numbers a step, as two sums of 16 lanes (two chains of additions keep the FMA unit busy).
-   Each int8 becomes a float32 in a register: nothing is rounded but the float32 sums. */
-static float dot_int8(const int8_t *w, const float *x, int64_t n) {
-    __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 <= n; k += 32) {
-        __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k))));
-        __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k + 16))));
-        sum0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + k), sum0);
-        sum1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + k + 16), sum1);
-    }
-    float sum = _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
-    for (; k < n; k++) sum += (float)w[k] * x[k];
-    return sum;
-}
-
-static float dot_float(const float *w, const float *x, int64_t n) {
-    __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 <= n; k += 32) {
-        sum0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), sum0);
-        sum1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), sum1);
-    }
-    float sum = _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
-    for (; k < n; k++) sum += w[k] * x[k];
-    return sum;
-}
-
-#elif defined(__AVX2__) && defined(__FMA__)
+/* Two versions: 256-bit AVX2 with FMA, and plain C. Processors with AVX-512 run the AVX2 loops
+   too: on the AMD EPYC (Zen 4) measured here, 512-bit versions of these loops were slower (one
+   token of SmolLM2-135M in 8 bits: 6.3 ms against 4.9 ms; in float32 18.2 against 17.5 ms). */
+#if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define INSTRUCTIONS "avx2"
 
@@ -117,7 +88,7 @@ PORTABLE_DOT(dot_int8, int8_t)
 PORTABLE_DOT(dot_float, float)
 #endif
 
-/* which of the three versions above this build is: "avx512", "avx2" or "portable" */
+/* which of the two versions above this build is: "avx2" or "portable" */
 const char *kernels_instructions(void) { return INSTRUCTIONS; }
 
 /* ---- the 8-bit product, for a few rows at a time ---- */

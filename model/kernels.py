@@ -76,7 +76,7 @@ class Library:
         self.decode_token.argtypes = [ctypes.POINTER(Model), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
         self.decode_token.restype = None
         library.kernels_instructions.restype = ctypes.c_char_p
-        self.instructions = library.kernels_instructions().decode()  # "avx512", "avx2" or "portable"
+        self.instructions = library.kernels_instructions().decode()  # "avx2" or "portable"
         self.threads = threads  # built with OpenMP
 
 

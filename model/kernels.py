@@ -31,6 +31,7 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.c")
 # compiler without OpenMP, as Apple's clang), then the plain C any compiler builds
 FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-march=native"), ("-O3",))
 
+
 def cache_folder():
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gpt-from-scratch")
 
@@ -258,7 +259,7 @@ class Decoder:
             ACTIVATIONS[c.mlp_activation], int(c.qk_norm), c.norm_eps, c.logit_softcap, embedding, positions,
             rope_cos, rope_sin, layers, norm(model.ln_f), matrix(model.lm_head, rows=c.vocab_size),
             address(kv_cache.keys), address(kv_cache.values), max_length, address(scratch))
-        self.layers, self.kept, self.model, self.kv_cache = layers, kept, model, kv_cache
+        self.layers, self.kept, self.kv_cache = layers, kept, kv_cache  # (what C points into stays alive)
         self.decode_token, self.max_length, self.vocab_rows = found.decode_token, max_length, embedding.out_features
         self.vocab_size = c.vocab_size
 
